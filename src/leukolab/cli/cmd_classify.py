@@ -1,0 +1,105 @@
+"""``leukolab train | evaluate | predict | stats``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from leukolab.cli.app import app
+from leukolab.errors import LeukolabError
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Argument(None, help="ImageFolder tree, folder with train/val/test, or CSV."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Parent folder; each run gets a new subfolder."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML merged over the defaults."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm name, e.g. vit_tiny_patch16, resnet18."),
+    img_size: Optional[int] = typer.Option(None, "--img-size"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    label_fraction: Optional[float] = typer.Option(None, "--label-fraction", help="Share of training labels, (0, 1]."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Local checkpoint to initialise the backbone."),
+    head: Optional[str] = typer.Option(None, "--head", help="linear or mlp."),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
+                                                   help="Linear probe on frozen features."),
+    class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights"),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Per-epoch checkpoints to keep."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    check_images: Optional[bool] = typer.Option(None, "--check-images/--no-check-images"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run folder name prefix."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
+) -> None:
+    """Train a WBC classifier; writes config.yaml, history.csv, best.pt, last.pt into a new run folder."""
+    from leukolab.pipelines.classify import train_classifier
+
+    overrides = {
+        "data.path": str(data) if data is not None else None, "data.img_size": img_size,
+        "data.label_fraction": label_fraction, "data.batch_size": batch_size, "data.check_images": check_images,
+        "model.backbone": backbone, "model.init": str(init) if init is not None else None, "model.head": head,
+        "model.freeze_backbone": freeze_backbone, "optim.lr": lr, "optim.weight_decay": weight_decay,
+        "optim.grad_accum": grad_accum, "optim.class_weights": class_weights, "train.epochs": epochs,
+        "train.device": device, "train.keep_last": keep_last, "seed": seed,
+    }
+    if resume is not None:
+        overrides["data.path"] = None if data is None else str(Path(data).resolve())
+    elif data is None and config is None:
+        raise LeukolabError("no DATA given; expected a folder of class folders or a path,label CSV")
+    run_dir = train_classifier(out, config, overrides, resume=resume, name=name)
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A leukolab train run folder."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled test data (default: the run's test split)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default RUN/eval, RUN/eval-2 ...)."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images"),
+) -> None:
+    """Metrics, predictions CSV, confusion matrix and curves of a trained run."""
+    from leukolab.pipelines.classify import evaluate_run, metrics_summary
+
+    out_dir = evaluate_run(run, data, out, check_images=check_images)
+    typer.echo(metrics_summary(out_dir / "metrics.json"))
+    typer.echo(f"wrote {out_dir}/metrics.json, predictions.csv, confusion_matrix.png, curves.png")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A leukolab train run folder."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this CSV (new file)."),
+) -> None:
+    """Predicted class and probabilities of each image."""
+    from leukolab.pipelines.classify import predict_images
+
+    table = predict_images(run, list(images))
+    if out is not None:
+        if out.exists():
+            raise LeukolabError(f"{out} already exists; refusing to overwrite it")
+        table.to_csv(out, index=False)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
+
+
+@app.command()
+def stats(
+    data: Path = typer.Argument(..., help="ImageFolder tree, folder with splits, or CSV."),
+    fractions: str = typer.Option("0.5,0.1,0.01", "--fractions", help="Comma-separated label fractions."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Per-class counts: train / val / test and each label-fraction subset."""
+    from leukolab.pipelines.classify import dataset_stats
+
+    try:
+        fr = tuple(float(f) for f in fractions.split(",") if f.strip())
+    except ValueError:
+        raise LeukolabError(f"--fractions {fractions!r}: expected numbers like 0.5,0.1,0.01") from None
+    typer.echo(dataset_stats(data, fr, seed).to_string())

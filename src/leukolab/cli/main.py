@@ -1,0 +1,48 @@
+"""``leukolab`` entry point: runs the typer app and turns user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from leukolab.cli import cmd_classify, cmd_demo, cmd_synth  # noqa: F401 - registers the commands
+from leukolab.cli.app import app
+from leukolab.errors import EXIT_USER_ERROR, LeukolabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="leukolab", standalone_mode=False)
+    except LeukolabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except click.exceptions.NoArgsIsHelpError as exc:
+        if exc.ctx is not None:
+            print(exc.ctx.get_help())
+        return 0
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        print(f"error: {where}{exc.format_message()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; finished epochs are saved in the run folder (resume with --resume RUN)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,61 @@
+"""Torch datasets over image paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from leukolab.errors import LeukolabError
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` as RGB, or a one-line error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure
+        raise LeukolabError(f"cannot read image {path} ({exc.__class__.__name__}); expected an image file") from None
+
+
+class ImageDataset(Dataset):
+    """``(image_tensor, target)`` pairs; ``target`` is -1 for unlabelled images.
+
+    With ``cache=True`` the decoded images are kept in memory after first use,
+    which removes decoding from every epoch after the first.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: Sequence[int] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        cache: bool = False,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
+        if len(self.targets) != len(self.paths):
+            raise ValueError("paths and targets differ in length")
+        self.transform = transform
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> Image.Image:
+        """The decoded RGB image ``i`` (from the cache when enabled)."""
+        if self._cache is None:
+            return load_rgb(self.paths[i])
+        arr = self._cache.get(i)
+        if arr is None:
+            arr = np.asarray(load_rgb(self.paths[i]))
+            self._cache[i] = arr
+        return Image.fromarray(arr)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = self.image(i)
+        return (self.transform(img) if self.transform else img), self.targets[i]

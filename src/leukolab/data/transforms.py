@@ -1,0 +1,46 @@
+"""Image transforms for WBC crops (cells have no preferred orientation)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+def eval_transform(img_size: int) -> v2.Compose:
+    """Resize to ``img_size`` and normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((img_size, img_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def train_transform(img_size: int, augment: bool = True) -> v2.Compose:
+    """Random crop, flips, 90-degree rotations and mild colour jitter, then normalise."""
+    if not augment:
+        return eval_transform(img_size)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop((img_size, img_size), scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
+            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def denormalise(x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`eval_transform`'s normalisation (values clipped to [0, 1])."""
+    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
+    return (x * std + mean).clamp(0, 1)

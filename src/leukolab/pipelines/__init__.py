@@ -1,0 +1,1 @@
+"""End-to-end recipes wiring data, models, objectives, the loop and evaluation."""

@@ -1,0 +1,308 @@
+"""Train, evaluate and apply an image classifier (the ``train``/``evaluate``/``predict`` commands)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from leukolab.config import diff_overrides, read_yaml, resolve
+from leukolab.data.checks import require_readable
+from leukolab.data.dataset import ImageDataset
+from leukolab.data.readers import LabelledImages, is_image_file, list_images, read_labelled
+from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
+from leukolab.data.transforms import eval_transform, train_transform
+from leukolab.errors import LeukolabError
+from leukolab.evaluation.metrics import classification_metrics
+from leukolab.evaluation.plots import plot_confusion_matrix, plot_curves
+from leukolab.models.classifier import Classifier, build_classifier
+from leukolab.models.weights import load_backbone_weights
+from leukolab.objectives.classification import ClassificationObjective
+from leukolab.training.loop import Trainer, TrainerConfig, pick_device
+from leukolab.utils.runs import dump_json, dump_yaml, new_run_dir, unique_child
+from leukolab.utils.seed import seed_everything, worker_init
+
+
+@dataclass
+class Splits:
+    """The data of one run: train (after the label fraction), val, test and the class names."""
+
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
+    class_names: list[str]
+    full_train: LabelledImages
+
+
+def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
+    """Read the data, split it when it has no splits, and apply the label fraction."""
+    fraction = check_fraction(float(data_cfg["label_fraction"]))
+    parts = read_labelled(data_cfg["path"])
+    if "all" in parts:
+        data = parts["all"]
+        idx = stratified_split(data.labels, data_cfg["val_fraction"], data_cfg["test_fraction"], seed)
+        train, val, test = (data.subset(idx[s]) for s in ("train", "val", "test"))
+    else:
+        if "train" not in parts:
+            raise LeukolabError(f"{data_cfg['path']}: has splits {sorted(parts)} but no 'train'")
+        train = parts["train"]
+        if "val" in parts:
+            val = parts["val"]
+        else:
+            idx = stratified_split(train.labels, data_cfg["val_fraction"], 0.0, seed)
+            train, val = train.subset(idx["train"]), train.subset(idx["val"])
+        test = parts.get("test", LabelledImages([], [], list(train.class_names)))
+    names = list(train.class_names)
+    for part in (val, test):
+        part.class_names = names
+    keep = label_fraction_subset(train.labels, fraction, seed)
+    return Splits(train.subset(keep), val, test, names, train)
+
+
+def write_splits_csv(splits: Splits, path: Path) -> None:
+    """One row per image: path, label, split, and whether its label was used."""
+    used = set(map(str, splits.train.paths))
+    rows = [(str(p), lab, "train", str(p) in used) for p, lab in zip(splits.full_train.paths, splits.full_train.labels)]
+    for name, part in (("val", splits.val), ("test", splits.test)):
+        rows += [(str(p), lab, name, True) for p, lab in zip(part.paths, part.labels)]
+    pd.DataFrame(rows, columns=["path", "label", "split", "labelled"]).to_csv(path, index=False)
+
+
+def make_loader(
+    data: LabelledImages, class_names: list[str], img_size: int, batch_size: int, *, train: bool,
+    augment: bool = True, num_workers: int = 0, cache: bool = False, seed: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``data`` (shuffled, augmented and seeded for training)."""
+    tf = train_transform(img_size, augment) if train else eval_transform(img_size)
+    ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
+        num_workers=num_workers, worker_init_fn=worker_init, generator=g,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+    )
+
+
+def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1."""
+    counts = Counter(labels)
+    w = torch.tensor([1.0 / max(1, counts.get(c, 0)) for c in class_names])
+    return w * len(w) / w.sum()
+
+
+def build_model(cfg: dict[str, Any], num_classes: int) -> Classifier:
+    """The classifier of a config, with ``model.init`` weights loaded when given."""
+    model = build_classifier(cfg["model"], cfg["data"]["img_size"], num_classes)
+    init = cfg["model"].get("init")
+    if init:
+        load_backbone_weights(model.backbone, init)
+    if cfg["model"].get("freeze_backbone"):
+        model = Classifier(model.backbone, model.head, freeze_backbone=True)
+    return model
+
+
+TRAIN_OVERRIDE_KEYS = (
+    "data.path", "data.img_size", "data.label_fraction", "data.batch_size", "data.check_images",
+    "model.backbone", "model.init", "model.head", "model.freeze_backbone", "optim.lr", "optim.weight_decay",
+    "optim.grad_accum", "optim.class_weights", "train.epochs", "train.device", "train.keep_last", "seed",
+)
+
+
+def train_classifier(
+    out: Path | str | None = None,
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: Path | str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Train a classifier; returns the run folder.
+
+    A new run gets a fresh folder under ``out``. ``resume`` continues the
+    interrupted run in that folder with its saved config; overrides that
+    disagree with it are refused.
+    """
+    overrides = overrides or {}
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise LeukolabError(f"cannot resume: {run_dir} has no config.yaml; expected a leukolab run folder")
+        cfg = read_yaml(run_dir / "config.yaml")
+        conflicts = diff_overrides(cfg, overrides)
+        if conflicts:
+            raise LeukolabError(f"cannot resume {run_dir} with a different config: {'; '.join(conflicts)}")
+    else:
+        cfg = resolve("train", config_file, overrides)
+        if not cfg["data"]["path"]:
+            raise LeukolabError("no data given; expected a folder of class folders or a path,label CSV")
+        cfg["data"]["path"] = str(Path(cfg["data"]["path"]).resolve())
+        if cfg["model"].get("init"):
+            cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
+    seed = int(cfg["seed"])
+    seed_everything(seed)
+    splits = make_splits(cfg["data"], seed)
+    if cfg["data"]["check_images"] and resume is None:
+        require_readable(
+            [*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"]
+        )
+    model = build_model(cfg, len(splits.class_names))
+    weights = class_weights(splits.train.labels, splits.class_names) if cfg["optim"]["class_weights"] else None
+    objective = ClassificationObjective(
+        model, splits.class_names, weights, cfg["optim"]["label_smoothing"],
+        extras={"config": cfg, "task": "classification"},
+    )
+    if resume is None:
+        if out is None:
+            raise LeukolabError("no --out folder given for the run")
+        frac = cfg["data"]["label_fraction"]
+        run_dir = new_run_dir(out, name or f"{cfg['model']['backbone']}-f{frac:g}-s{seed}")
+        dump_yaml(cfg, run_dir / "config.yaml")
+        write_splits_csv(splits, run_dir / "splits.csv")
+    d = cfg["data"]
+    loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=seed)
+    train_loader = make_loader(
+        splits.train, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"], **loader_kw
+    )
+    val_loader = (
+        make_loader(splits.val, splits.class_names, d["img_size"], d["batch_size"] * 2, train=False, **loader_kw)
+        if len(splits.val) else None
+    )
+    trainer = Trainer(objective, TrainerConfig.from_config(cfg), run_dir)
+    if resume is not None:
+        trainer.resume(run_dir / "last.pt")
+    trainer.fit(train_loader, val_loader)
+    # drawn from history.csv, so re-drawing it after a resume loses nothing
+    plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- loading and applying a run
+def load_run(run: Path | str, device: torch.device | None = None) -> tuple[ClassificationObjective, dict[str, Any]]:
+    """The trained classifier of a run folder (``best.pt``) and its config."""
+    run = Path(run)
+    ckpt_path = run / "best.pt" if run.is_dir() else run
+    if not ckpt_path.is_file():
+        raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab train run folder")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise LeukolabError(f"cannot read {ckpt_path} ({exc.__class__.__name__})") from None
+    if state.get("task") != "classification":
+        raise LeukolabError(f"{ckpt_path} is not a classification run (task={state.get('task')!r})")
+    cfg = state["config"]
+    model_cfg = {**cfg["model"], "init": None}
+    model = build_classifier(model_cfg, cfg["data"]["img_size"], len(state["class_names"]))
+    objective = ClassificationObjective(model, state["class_names"], extras={"config": cfg, "task": "classification"})
+    objective.load_state_dict(state["objective"], strict=False)
+    device = device or pick_device(cfg["train"].get("device", "auto"))
+    return objective.to(device).eval(), cfg
+
+
+def _eval_data(data: Path | str | None, run: Path, cfg: dict[str, Any]) -> LabelledImages:
+    if data is None:
+        splits_csv = run / "splits.csv"
+        if not splits_csv.is_file():
+            raise LeukolabError(f"{run}: no splits.csv; pass --data TEST_DIR")
+        df = pd.read_csv(splits_csv)
+        df = df[df["split"] == "test"]
+        if df.empty:
+            raise LeukolabError(f"{run}: the run has no test split; pass --data TEST_DIR")
+        return LabelledImages([Path(p) for p in df["path"]], list(df["label"].astype(str)))
+    parts = read_labelled(data, min_classes=1)
+    return parts.get("test") or parts.get("all") or next(iter(parts.values()))
+
+
+def evaluate_run(
+    run: Path | str, data: Path | str | None = None, out: Path | None = None, batch_size: int = 128,
+    check_images: bool = True, show_progress: bool = True,
+) -> Path:
+    """Evaluate a run on ``data`` (default: its own test split); returns the folder written.
+
+    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and
+    ``curves.png`` into a new folder (``RUN/eval``, ``RUN/eval-2``, ...).
+    """
+    run = Path(run)
+    objective, cfg = load_run(run)
+    test = _eval_data(data, run, cfg)
+    names = objective.class_names
+    if check_images:
+        require_readable(test.paths, show_progress)
+    loader = make_loader(test, names, cfg["data"]["img_size"], batch_size, train=False)
+    probs, y = objective.predict(loader, next(objective.parameters()).device)
+    pred = probs.argmax(1)
+    metrics = classification_metrics(y, pred, names)
+    metrics["data"] = str(data) if data is not None else "test split of the run"
+    out_dir = unique_child(run, "eval") if out is None else unique_child(Path(out).parent, Path(out).name)
+    dump_json(metrics, out_dir / "metrics.json")
+    table = pd.DataFrame({"path": [str(p) for p in test.paths], "actual": [names[i] for i in y],
+                          "predicted": [names[i] for i in pred]})
+    for i, c in enumerate(names):
+        table[f"prob_{c}"] = probs[:, i]
+    table.to_csv(out_dir / "predictions.csv", index=False)
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png")
+    if (run / "history.csv").is_file():
+        plot_curves(pd.read_csv(run / "history.csv"), out_dir / "curves.png", title=run.name)
+    return out_dir
+
+
+def predict_images(run: Path | str, inputs: list[Path], batch_size: int = 128) -> pd.DataFrame:
+    """Predicted class and per-class probabilities for image files and/or folders."""
+    objective, cfg = load_run(run)
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise LeukolabError(f"{item}: folder holds no images")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        elif item.exists():
+            raise LeukolabError(f"{item}: not an image file; expected .png/.jpg/.tif ...")
+        else:
+            raise LeukolabError(f"{item} does not exist")
+    require_readable(paths, show_progress=False)
+    names = objective.class_names
+    data = LabelledImages(paths, [names[0]] * len(paths), names)
+    loader = make_loader(data, names, cfg["data"]["img_size"], batch_size, train=False)
+    probs, _ = objective.predict(loader, next(objective.parameters()).device)
+    table = pd.DataFrame({"path": [str(p) for p in paths], "predicted": [names[i] for i in probs.argmax(1)]})
+    for i, c in enumerate(names):
+        table[f"prob_{c}"] = probs[:, i]
+    return table
+
+
+def dataset_stats(data: Path | str, fractions: tuple[float, ...] = (0.5, 0.1, 0.01), seed: int = 0,
+                  val_fraction: float = 0.15, test_fraction: float = 0.15) -> pd.DataFrame:
+    """Per-class image counts: train / val / test and the training subset at each label fraction."""
+    base = {"path": str(data), "val_fraction": val_fraction, "test_fraction": test_fraction, "label_fraction": 1.0}
+    splits = make_splits(base, seed)
+    rows = {}
+    for c in splits.class_names:
+        rows[c] = {"train": splits.full_train.labels.count(c), "val": splits.val.labels.count(c),
+                   "test": splits.test.labels.count(c)}
+    for f in fractions:
+        check_fraction(f)
+        keep = label_fraction_subset(splits.full_train.labels, f, seed)
+        counts = Counter(splits.full_train.labels[i] for i in keep)
+        for c in splits.class_names:
+            rows[c][f"train@{f:g}"] = counts.get(c, 0)
+    table = pd.DataFrame(rows).T
+    table.loc["total"] = table.sum()
+    table.index.name = "class"
+    return table
+
+
+def metrics_summary(metrics_path: Path) -> str:
+    """A one-line summary of a metrics.json file."""
+    m = json.loads(Path(metrics_path).read_text())
+    return (f"accuracy {m['accuracy']:.3f} | balanced accuracy {m['balanced_accuracy']:.3f} | "
+            f"macro F1 {m['f1_macro']:.3f} | n={m['n']}")

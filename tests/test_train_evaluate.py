@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from leukolab.pipelines import classify
+from leukolab.pipelines.classify import evaluate_run, predict_images, train_classifier
+from leukolab.training.loop import Trainer
+from tests.conftest import tiny_overrides
+
+
+def test_training_run_writes_its_folder_loss_falls_and_beats_chance(tiny_run: Path) -> None:
+    for name in ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.csv", "curves.png"):
+        assert (tiny_run / name).is_file(), name
+    hist = pd.read_csv(tiny_run / "history.csv")
+    assert len(hist) == 4
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert hist["val_balanced_accuracy"].max() > 0.4  # chance is 0.2 for 5 classes
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["model"]["backbone"] == "resnet10t" and cfg["train"]["epochs"] == 4
+    assert len(list((tiny_run / "checkpoints").glob("epoch_*.pt"))) == 1  # keep_last=1
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=False)
+    assert ckpt["class_names"] == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    assert "optimizer" not in ckpt and ckpt["backbone"]
+
+
+def test_evaluate_writes_metrics_predictions_and_plots(tiny_run: Path) -> None:
+    out = evaluate_run(tiny_run, show_progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro", "per_class"):
+        assert key in metrics
+    assert metrics["balanced_accuracy"] > 0.3
+    preds = pd.read_csv(out / "predictions.csv")
+    prob_cols = [c for c in preds.columns if c.startswith("prob_")]
+    assert len(prob_cols) == 5 and list(preds.columns[:3]) == ["path", "actual", "predicted"]
+    assert preds[prob_cols].sum(axis=1).sub(1).abs().max() < 1e-4
+    assert (out / "confusion_matrix.png").stat().st_size > 1000 and (out / "curves.png").is_file()
+    # a second evaluation never overwrites the first
+    out2 = evaluate_run(tiny_run, show_progress=False)
+    assert out2 != out and (out / "metrics.json").is_file()
+
+
+def test_predict_gives_a_probability_row_per_image(tiny_run: Path, wbc_small: Path) -> None:
+    table = predict_images(tiny_run, [wbc_small / "lymphocyte"])
+    assert len(table) == 30
+    assert set(table["predicted"]) <= {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+
+
+def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path) -> None:
+    over = tiny_overrides(wbc_small, **{"train.epochs": 1, "data.label_fraction": 0.5})
+    a = train_classifier(tmp_path, overrides=over)
+    b = train_classifier(tmp_path, overrides=over)
+    assert a != b
+    ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
+    pd.testing.assert_frame_equal(ha.drop(columns="epoch_time_s"), hb.drop(columns="epoch_time_s"))
+    assert (a / "splits.csv").read_text() == (b / "splits.csv").read_text()
+
+
+def test_interrupted_run_resumes_to_the_same_result(
+    wbc_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = tiny_overrides(wbc_small, **{"train.epochs": 2})
+    full = train_classifier(tmp_path / "a", overrides=over)
+
+    original = Trainer._end_epoch
+
+    def crash_after_first(self: Trainer, row: dict[str, float]) -> None:
+        original(self, row)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(tmp_path / "b", overrides=over)
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    (broken,) = list((tmp_path / "b").iterdir())
+    assert len(pd.read_csv(broken / "history.csv")) == 1
+    classify.train_classifier(resume=broken)
+    h_full = pd.read_csv(full / "history.csv").drop(columns="epoch_time_s")
+    h_res = pd.read_csv(broken / "history.csv").drop(columns="epoch_time_s")
+    pd.testing.assert_frame_equal(h_full, h_res, atol=1e-5, rtol=1e-4)
