@@ -15,8 +15,11 @@ from leukolab.cli.main import main
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(args)
-    err = capsys.readouterr().err.strip()
-    return code, err
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) <= 1
+    # progress bars may precede it; the error itself is the last line, and only one
+    return code, (lines[-1] if errors and lines[-1] == errors[0] else "\n".join(lines))
 
 
 FAST = ["--img-size", "32", "--epochs", "1", "--backbone", "resnet10t"]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+# typer >= 0.20 vendors click; its exceptions live here (plain click's are kept as a fallback)
+try:
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as click_exc
 
 from leukolab.cli import cmd_classify, cmd_demo, cmd_synth  # noqa: F401 - registers the commands
 from leukolab.cli.app import app
@@ -20,17 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     except LeukolabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except click_exc.NoArgsIsHelpError as exc:
         if exc.ctx is not None:
             print(exc.ctx.get_help())
         return 0
-    except click.UsageError as exc:
+    except click_exc.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
         print(f"error: {where}{exc.format_message()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

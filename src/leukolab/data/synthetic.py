@@ -39,7 +39,7 @@ import csv
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -160,7 +160,7 @@ def _check_out(out: Path | str) -> Path:
         if not out.is_dir():
             raise LeukolabError(f"output path {str(out)!r} exists and is not a folder; refusing to overwrite")
         if any(out.iterdir()):
-            raise LeukolabError(f"output folder {str(out)!r} already exists and is not empty; refusing to overwrite")
+            raise LeukolabError(f"output folder {str(out)!r} exists and is not empty; not overwriting it")
     return out
 
 
@@ -202,7 +202,7 @@ def _fourier_field(rng: np.random.Generator, size: int, n: int, freq: float) -> 
 @lru_cache(maxsize=64)
 def _noise_gain(sigma_px: float) -> float:
     """1 / std of unit white noise after ``gaussian_filter(sigma_px)`` (exact for the discrete kernel)."""
-    delta = np.zeros((1, 8 * int(math.ceil(sigma_px)) + 9))
+    delta = np.zeros((1, 8 * math.ceil(sigma_px) + 9))
     delta[0, delta.shape[1] // 2] = 1.0
     k2 = float((ndimage.gaussian_filter(delta, (0.0, sigma_px), mode="constant") ** 2).sum())
     return 1.0 / k2  # 2-D separable: variance is the square of the 1-D sum of squares
@@ -217,15 +217,23 @@ def _fine_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.ndar
 
 def _alpha(sdf_px: np.ndarray, soft: float = 1.0) -> np.ndarray:
     """Anti-aliased coverage from a signed distance in pixels (positive inside)."""
-    return np.clip(0.5 + sdf_px / soft, 0.0, 1.0)
+    a = sdf_px * _F(1.0 / soft)
+    a += _F(0.5)
+    np.maximum(a, _F(0.0), out=a)
+    np.minimum(a, _F(1.0), out=a)
+    return a
 
 
 def _seg_dist(px: np.ndarray, py: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distance from points to the segment a-b."""
     d = b - a
     L2 = float(d @ d) + 1e-12
-    t = np.clip(((px - a[0]) * d[0] + (py - a[1]) * d[1]) / L2, 0.0, 1.0)
-    return np.hypot(px - a[0] - t * d[0], py - a[1] - t * d[1])
+    qx = px - _F(a[0])
+    qy = py - _F(a[1])
+    t = qx * _F(d[0] / L2) + qy * _F(d[1] / L2)
+    np.maximum(t, _F(0.0), out=t)
+    np.minimum(t, _F(1.0), out=t)
+    return np.hypot(qx - t * _F(d[0]), qy - t * _F(d[1]))
 
 
 def _splat(size: int, cols: np.ndarray, rows: np.ndarray, weights: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -235,7 +243,8 @@ def _splat(size: int, cols: np.ndarray, rows: np.ndarray, weights: np.ndarray, s
     fc = cols - c0
     fr = rows - r0
     acc = np.zeros(size * size, dtype=np.float64)
-    for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+    corners = ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc))
+    for dr, dc, w in corners:
         rr = r0 + dr
         cc = c0 + dc
         ok = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
@@ -258,7 +267,7 @@ def _color_matrix(rng: np.random.Generator, hue_sd: float, sat_sd: float) -> np.
             [k * (1 - c) - sq * s, k * (1 - c) + sq * s, c + k * (1 - c)],
         ]
     )
-    sat = math.exp(rng.normal(0.0, sat_sd))
+    sat = min(1.5, max(0.4, math.exp(rng.normal(0.0, sat_sd))))
     grey = np.full((3, 3), 1.0 / 3.0)
     return (grey + sat * (np.eye(3) - grey)) @ hue
 
@@ -270,7 +279,7 @@ def _finish(od: np.ndarray, rng: np.random.Generator, d: float, size: int) -> np
     """
     scale = size / 64.0
     # stain strength and per-channel stain hue
-    od *= (math.exp(rng.normal(0.0, 0.06 + 0.2 * d)) * np.exp(rng.normal(0.0, 0.02 + 0.1 * d, 3))).astype(_F)
+    od *= (math.exp(rng.normal(0.0, 0.06 + 0.2 * d)) * np.exp(rng.normal(0.0, 0.02 + 0.07 * d, 3))).astype(_F)
     img = np.exp(-od)
     # illumination gradient (a plane, written as an outer sum)
     g = rng.uniform(0.0, 0.04 + 0.14 * d)
@@ -279,7 +288,7 @@ def _finish(od: np.ndarray, rng: np.random.Generator, d: float, size: int) -> np
     illum = (1.0 - g) + g * (math.sin(a) * c[:, None] + math.cos(a) * c[None, :])
     img *= illum.astype(_F)[..., None]
     # colour jitter: hue rotation, saturation, brightness, contrast
-    m = _color_matrix(rng, 0.04 + 0.3 * d, 0.06 + 0.3 * d)
+    m = _color_matrix(rng, 0.04 + 0.36 * d, 0.06 + 0.3 * d)
     m *= math.exp(rng.normal(0.0, 0.03 + 0.07 * d))
     img = img @ m.T.astype(_F)
     contrast = math.exp(rng.normal(0.0, 0.04 + 0.12 * d))
@@ -304,11 +313,29 @@ def _finish(od: np.ndarray, rng: np.random.Generator, d: float, size: int) -> np
 # ----------------------------------------------------------------------------------------------
 
 
-def _lobes_sdf(lx: np.ndarray, ly: np.ndarray, centres: np.ndarray, radii: np.ndarray, strand: float) -> np.ndarray:
-    """Union of discs (lobes) joined in sequence by thin capsules (strands); units of the cell radius."""
+def _lobes_sdf(
+    lx: np.ndarray,
+    ly: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    strand: float,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Union of lobes joined in sequence by thin capsules (strands); units of the cell radius.
+
+    Lobes are discs, or with ``rng`` short capsules (slightly elongated, randomly oriented).
+    """
     sdf = np.full(lx.shape, -10.0, dtype=_F)
-    for (cx, cy), r in zip(centres, radii):
-        np.maximum(sdf, r - np.hypot(lx - _F(cx), ly - _F(cy)), out=sdf)
+    for (cx, cy), r in zip(centres.tolist(), radii.tolist(), strict=True):
+        if rng is None:
+            np.maximum(sdf, r - np.hypot(lx - _F(cx), ly - _F(cy)), out=sdf)
+        else:
+            half = r * rng.uniform(0.0, 0.45)
+            a = rng.uniform(0.0, np.pi)
+            off = half * np.array([math.cos(a), math.sin(a)])
+            r_cap = r - 0.3 * half  # keep the area about the same
+            c = np.array([cx, cy])
+            np.maximum(sdf, r_cap - _seg_dist(lx, ly, c - off, c + off), out=sdf)
     for i in range(len(centres) - 1):
         np.maximum(sdf, strand - _seg_dist(lx, ly, centres[i], centres[i + 1]), out=sdf)
     return sdf
@@ -373,12 +400,12 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
         n = int(rng.choice([3, 4, 5], p=[0.45, 0.4, 0.15]))
         if rng.random() < 0.3 * d:
             n = 2  # at high difficulty some look bilobed
-        r = rng.uniform(0.23, 0.3, n)
-        merge = 0.45 * d * rng.random()  # lobes closer together at high difficulty
-        centres = _chain(rng, r, (1.0 - merge, 1.25 - merge), 1.5)
-        centres, r = _fit_inside(centres, r, 0.84)
+        r = rng.uniform(0.27, 0.34, n)
+        merge = 0.4 * d * rng.random()  # lobes closer together at high difficulty
+        centres = _chain(rng, r, (0.9 - merge, 1.12 - merge), 1.6)
+        centres, r = _fit_inside(centres, r, 0.86)
         strand = rng.uniform(0.03, 0.05) + 0.05 * d * rng.random()
-        return _lobes_sdf(lx, ly, centres, r, strand)
+        return _lobes_sdf(lx, ly, centres, r, strand, rng)
     if label == "eosinophil":
         n = 3 if rng.random() < 0.2 * d else 2
         r = rng.uniform(0.3, 0.36, n)
@@ -398,7 +425,7 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
 @lru_cache(maxsize=4096)
 def _rbc_sprite(r_px: float, e: float, t: float) -> tuple[np.ndarray, np.ndarray]:
     """Coverage and central-pallor weight of one red cell centred on a pixel centre (cached)."""
-    h = int(math.ceil(r_px * (1.0 + e) + 2))
+    h = math.ceil(r_px * (1.0 + e) + 2)
     c = np.arange(-h, h + 1, dtype=np.float64)
     xs, ys = np.meshgrid(c, c)
     ct, st = math.cos(t), math.sin(t)
@@ -546,8 +573,8 @@ def render_cell(
     if gran_rgb is not None:
         n_gran, g_sigma, g_w, over_nuc = _GRANULES[label]
         density = 1.0 - 0.55 * d * rng.random()  # sparser ...
-        strength = 1.0 - 0.45 * d * rng.random()  # ... and fainter at high difficulty
-        n = int(round(n_gran * density * R * R / 0.49 * scale**2))
+        strength = 1.0 - 0.6 * d * rng.random()  # ... and fainter at high difficulty
+        n = round(n_gran * density * R * R / 0.49 * scale**2)
         rr = 0.94 * np.sqrt(rng.random(n))
         aa = rng.uniform(0.0, 2.0 * np.pi, n)
         gu, gv = rr * np.cos(aa) * sa, rr * np.sin(aa) * sb
@@ -662,12 +689,14 @@ def render_tissue_patch(size: int, rng: np.random.Generator) -> np.ndarray:
         for _ in range(int(rng.integers(6, 22))):
             cx, cy = rng.normal((cx0, cy0), spread)
             nr = rng.uniform(0.04, 0.07) * zoom
-            _blob(nuclei, x, y, px, (cx, cy), (nr * rng.uniform(1.0, 1.4), nr), rng.uniform(0, np.pi), rng.uniform(0.7, 1.0))
+            radii = (nr * rng.uniform(1.0, 1.4), nr)
+            _blob(nuclei, x, y, px, (cx, cy), radii, rng.uniform(0, np.pi), rng.uniform(0.7, 1.0))
     # scattered spindle (fibroblast) nuclei along the fibres
     for _ in range(int(rng.integers(3, 12))):
         cx, cy = rng.uniform(-1.05, 1.05, 2)
         nr = rng.uniform(0.018, 0.03) * zoom
-        _blob(nuclei, x, y, px, (cx, cy), (nr * rng.uniform(3.0, 5.0), nr), fib_ang + np.pi / 2 + rng.normal(0, 0.2), 0.9)
+        radii = (nr * rng.uniform(3.0, 5.0), nr)
+        _blob(nuclei, x, y, px, (cx, cy), radii, fib_ang + np.pi / 2 + rng.normal(0, 0.2), 0.9)
 
     chrom = np.clip(1.0 + 0.25 * _fine_noise(rng, size, 0.7 * size / 64), 0.3, 1.8)
     white = np.array([0.97, 0.96, 0.97])
@@ -703,7 +732,8 @@ def _write_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
     """Fill a fresh temporary sibling folder, then move it to ``out`` (which is absent or empty)."""
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    tmp = parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # (unlike tempfile.mkdtemp this honours the umask, as the final folder should)
     try:
         fill(tmp)
         _check_out(out)  # still absent or empty?

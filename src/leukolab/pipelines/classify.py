@@ -148,11 +148,11 @@ def train_classifier(
     seed = int(cfg["seed"])
     seed_everything(seed)
     splits = make_splits(cfg["data"], seed)
+    model = build_model(cfg, len(splits.class_names))  # bad backbone/init fails before the slower image check
     if cfg["data"]["check_images"] and resume is None:
         require_readable(
             [*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"]
         )
-    model = build_model(cfg, len(splits.class_names))
     weights = class_weights(splits.train.labels, splits.class_names) if cfg["optim"]["class_weights"] else None
     objective = ClassificationObjective(
         model, splits.class_names, weights, cfg["optim"]["label_smoothing"],

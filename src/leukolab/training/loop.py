@@ -139,6 +139,9 @@ class Trainer:
         if self._pending_scheduler_state is not None:
             self.scheduler.load_state_dict(self._pending_scheduler_state)
             self._pending_scheduler_state = None
+            # building the scheduler reset the learning rate to step 0's; put back the resumed one
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         while self.epoch < self.config.epochs:
             t0 = time.perf_counter()
             self._seed_epoch(train_loader)

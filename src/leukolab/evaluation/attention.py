@@ -1,0 +1,288 @@
+"""Look inside a ViT: last-block attention maps and PCA of the patch features.
+
+:func:`attention_maps` recomputes the attention weights of the last block with
+plain PyTorch (no reliance on fused attention kernels returning weights): a
+forward pre-hook on ``model.blocks[-1].attn`` (a timm ``Attention``) captures
+its input, from which ``q`` and ``k`` are recomputed through ``attn.qkv``,
+``attn.q_norm`` and ``attn.k_norm``, scaled by ``attn.scale`` and
+soft-maxed over **all** keys (prefix and patch tokens). The maps returned
+are the *patch part* of the rows of the prefix tokens (class token first,
+then the registers), so a map sums to the share of attention that token gives
+to the patches, at most 1.
+
+:func:`pca_rgb` is the visualisation of the DINOv2 papers: the first three
+principal components of the patch features (fitted over all images shown) as
+RGB, with the background removed by thresholding the first component and a
+second PCA fitted on the foreground patches only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from leukolab.errors import LeukolabError  # noqa: E402
+from leukolab.models.backbones import is_vit  # noqa: E402
+
+__all__ = [
+    "attention_maps",
+    "attention_weights",
+    "last_block_attention",
+    "patch_features",
+    "pca_rgb",
+    "plot_attention_grid",
+    "plot_pca_grid",
+    "prefix_token_names",
+]
+
+
+def _require_vit(model: nn.Module, what: str) -> None:
+    if not is_vit(model) or not hasattr(model, "forward_features"):
+        raise LeukolabError(f"{what} needs a Vision Transformer backbone, got {type(model).__name__}")
+
+
+def _patch_grid(model: nn.Module, x: torch.Tensor, n_patches: int) -> tuple[int, int]:
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+    gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
+    if gh * gw != n_patches:
+        grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
+        if len(grid) == 2 and grid[0] * grid[1] == n_patches:
+            return int(grid[0]), int(grid[1])
+        raise LeukolabError(f"cannot lay {n_patches} patch tokens out on a grid for input {tuple(x.shape[-2:])}")
+    return gh, gw
+
+
+def prefix_token_names(model: nn.Module) -> list[str]:
+    """Names of the prefix tokens in order: ``cls``, ``reg0``, ``reg1`` ... (``prefixK`` otherwise)."""
+    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    names: list[str] = []
+    if getattr(model, "cls_token", None) is not None:
+        names.append("cls")
+    n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    names += [f"reg{i}" for i in range(n_reg)]
+    names += [f"prefix{i}" for i in range(len(names), n_prefix)]
+    return names[:n_prefix]
+
+
+def attention_weights(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention weights ``(B, heads, N, N)`` of a timm ``Attention`` module for its input ``x``.
+
+    Recomputed from ``attn.qkv``, ``attn.q_norm``, ``attn.k_norm`` and
+    ``attn.scale`` exactly as timm's non-fused path does; each row sums to one.
+    """
+    for name in ("qkv", "num_heads", "scale"):
+        if not hasattr(attn, name):
+            raise LeukolabError(
+                f"attention maps need timm's Attention with a fused qkv projection; "
+                f"{type(attn).__name__} has no {name!r}"
+            )
+    B, N, _ = x.shape
+    heads = int(attn.num_heads)
+    head_dim = int(getattr(attn, "head_dim", 0) or attn.qkv.out_features // 3 // heads)
+    qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    q = getattr(attn, "q_norm", nn.Identity())(q)
+    k = getattr(attn, "k_norm", nn.Identity())(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask
+    return logits.float().softmax(dim=-1)
+
+
+@torch.no_grad()
+def last_block_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights (B, heads, N, N), block input of attn (B, N, C))`` of the last block for images ``x``."""
+    _require_vit(model, "attention maps")
+    attn = model.blocks[-1].attn
+    captured: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["x"] = args[0] if args else kwargs["x"]
+        captured["mask"] = kwargs.get("attn_mask")
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.forward_features(x)
+    finally:
+        handle.remove()
+    if "x" not in captured:
+        raise LeukolabError("the last block's attention was never called; cannot compute attention maps")
+    return attention_weights(attn, captured["x"], captured["mask"]), captured["x"]
+
+
+def attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Last-block attention of the prefix tokens to the patches, ``(B, 1 + n_reg, heads, grid_h, grid_w)``.
+
+    Query tokens are the prefix tokens in model order (class token, then the
+    registers; see :func:`prefix_token_names`). The attention rows are
+    soft-maxed over all keys, prefix and patch tokens, so they sum to one
+    over all keys; the returned maps are the patch part only (each sums to at
+    most one: the rest went to prefix tokens).
+
+    Raises:
+        LeukolabError: not a ViT, or a ViT without class/register tokens.
+    """
+    model.eval()
+    weights, _ = last_block_attention(model, x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    if n_prefix == 0:
+        raise LeukolabError("this ViT has no class or register tokens whose attention could be shown")
+    B, H, N, _ = weights.shape
+    gh, gw = _patch_grid(model, x, N - n_prefix)
+    maps = weights[:, :, :n_prefix, n_prefix:]  # (B, H, P, patches)
+    return maps.permute(0, 2, 1, 3).reshape(B, n_prefix, H, gh, gw).contiguous()
+
+
+@torch.no_grad()
+def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final, normalised patch tokens ``(B, grid_h, grid_w, D)`` of a ViT."""
+    _require_vit(model, "patch features")
+    model.eval()
+    tokens = model.forward_features(x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    patches = tokens[:, n_prefix:]
+    gh, gw = _patch_grid(model, x, patches.shape[1])
+    return patches.reshape(x.shape[0], gh, gw, -1).float()
+
+
+def _minmax(a: np.ndarray, axis: int | None = 0) -> np.ndarray:
+    lo = a.min(axis=axis, keepdims=True)
+    hi = a.max(axis=axis, keepdims=True)
+    return (a - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
+
+
+def pca_rgb(
+    feats: torch.Tensor | np.ndarray, threshold: float | None = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """First three principal components of patch features as RGB, background removed.
+
+    Args:
+        feats: ``(B, grid_h, grid_w, D)`` patch features; one PCA over all images.
+        threshold: foreground where the first component, scaled to [0, 1],
+            exceeds it (its sign is chosen so the image centre, where the cell
+            sits in WBC crops, is high). The RGB of the foreground comes from a
+            second PCA fitted on foreground patches only; background is black.
+            ``None`` keeps every patch.
+
+    Returns:
+        ``(rgb (B, grid_h, grid_w, 3) in [0, 1], foreground mask (B, grid_h, grid_w))``.
+    """
+    from sklearn.decomposition import PCA
+
+    arr = feats.detach().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats)
+    if arr.ndim != 4:
+        raise LeukolabError(f"patch features must be (B, grid_h, grid_w, D), got shape {arr.shape}")
+    B, gh, gw, D = arr.shape
+    flat = arr.reshape(-1, D).astype(np.float64)
+    if flat.shape[0] < 2:
+        raise LeukolabError("PCA needs at least 2 patches")
+    k = min(3, flat.shape[0], D)
+    comp = PCA(n_components=k, random_state=0).fit_transform(flat)
+    first = _minmax(comp[:, 0], axis=None).reshape(B, gh, gw)
+    inner = np.zeros((gh, gw), dtype=bool)
+    inner[gh // 4 : gh - gh // 4, gw // 4 : gw - gw // 4] = True
+    if (~inner).any() and first[:, inner].mean() < first[:, ~inner].mean():
+        first = 1.0 - first
+    mask = first > threshold if threshold is not None else np.ones_like(first, dtype=bool)
+    rgb = np.zeros((B * gh * gw, 3))
+    fg = mask.reshape(-1)
+    if fg.sum() >= 2:
+        k2 = min(3, int(fg.sum()), D)
+        comp_fg = PCA(n_components=k2, random_state=0).fit_transform(flat[fg])
+        rgb[fg, :k2] = _minmax(comp_fg, axis=0)
+    return rgb.reshape(B, gh, gw, 3), mask
+
+
+def _to_display(img: np.ndarray | torch.Tensor) -> np.ndarray:
+    arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
+    if arr.ndim == 3 and arr.shape[0] == 3:
+        arr = arr.transpose(1, 2, 0)
+    arr = arr.astype(np.float64)
+    return arr / 255.0 if arr.max() > 1.0 else arr
+
+
+def _upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.as_tensor(m, dtype=torch.float32)[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def plot_attention_grid(
+    image: np.ndarray | torch.Tensor,
+    maps: np.ndarray | torch.Tensor,
+    path: Path | str,
+    token_names: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """One PNG: a row per query token (image, head mean, each head) with the map over the image.
+
+    ``maps`` is ``(n_tokens, heads, grid_h, grid_w)`` from :func:`attention_maps`;
+    each panel is min-max scaled, its title gives the share of attention
+    that went to the patches.
+    """
+    img = _to_display(image)
+    m = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
+    n_tok, heads = m.shape[:2]
+    names = list(token_names or [f"token{i}" for i in range(n_tok)])
+    cols = 2 + heads
+    fig, axes = plt.subplots(n_tok, cols, figsize=(1.7 * cols, 1.85 * n_tok + 0.4), squeeze=False)
+    size = img.shape[:2]
+    for r in range(n_tok):
+        panels = [("image", None), ("head mean", m[r].mean(0))] + [(f"head {h}", m[r, h]) for h in range(heads)]
+        for c, (label, amap) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img)
+            if amap is None:
+                ax.set_title(names[r], fontsize=9, fontweight="bold")
+            else:
+                ax.imshow(_minmax(_upsample(amap, size), axis=None), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+                ax.set_title(f"{label} ({amap.sum():.2f})", fontsize=7)
+            ax.set_axis_off()
+    fig.suptitle(title or "last-block attention to patches (in brackets: share of attention on patches)",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pca_grid(
+    images: Sequence[np.ndarray | torch.Tensor],
+    rgb: np.ndarray,
+    path: Path | str,
+    names: Sequence[str] | None = None,
+    per_row: int = 4,
+) -> Path:
+    """Image / PCA-RGB pairs, ``per_row`` pairs a row, one PNG."""
+    n = len(images)
+    rows = (n + per_row - 1) // per_row
+    cols = 2 * min(per_row, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.75 * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        a_img, a_pca = axes[r, 2 * c], axes[r, 2 * c + 1]
+        a_img.imshow(_to_display(images[i]))
+        a_pca.imshow(rgb[i], interpolation="nearest")
+        if names is not None:
+            a_img.set_title(str(names[i])[:24], fontsize=7)
+        a_pca.set_title("PCA", fontsize=7)
+    fig.suptitle("patch features: first 3 principal components as RGB (background removed)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,397 @@
+"""Image embeddings from any backbone leukolab can load (the ``embed`` command and the ``viz`` helpers).
+
+:func:`load_model_for_embedding` turns a model argument into a headless
+backbone, whatever it is:
+
+* a leukolab classification run folder or its ``best.pt`` / ``last.pt``
+  (``config`` with ``model.backbone``, ``model.backbone_kwargs`` and
+  ``data.img_size``, plus ``backbone``, the timm state dict);
+* a leukolab pretraining run folder or checkpoint (``backbone``,
+  ``backbone_name``, ``img_size``, ``backbone_kwargs``);
+* a backbone converted by ``leukolab convert``
+  (``{"backbone": ..., "backbone_config": ...}``, see :mod:`leukolab.zoo.convert`);
+* a raw DINOv2 / DinoBloom / timm / HF-ViTMAE ViT checkpoint, built by
+  :func:`leukolab.zoo.convert.build_vit_from_checkpoint` at ``img_size``
+  (default 224).
+
+:func:`embed_dataset` writes one row per image: the class token (``cls``),
+the mean of the patch tokens (``mean``) or both concatenated (``both``) of a
+ViT's final, normalised tokens; other backbones give their pooled features.
+Images are prepared with :func:`leukolab.data.transforms.eval_transform`, the
+normalisation every leukolab model is trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from leukolab.data.dataset import ImageDataset, load_rgb
+from leukolab.data.readers import RESERVED_DIRS, is_image_file, list_images, read_labelled
+from leukolab.data.transforms import eval_transform
+from leukolab.errors import LeukolabError
+from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
+from leukolab.models.backbones import create_backbone, is_vit
+from leukolab.models.weights import load_backbone_weights, read_checkpoint, resolve_checkpoint_path
+from leukolab.utils.progress import progress as progress_bar
+
+__all__ = [
+    "POOLS",
+    "collect_images",
+    "embed_dataset",
+    "embed_paths",
+    "expand_image_inputs",
+    "load_image_batch",
+    "load_model_for_embedding",
+    "pool_features",
+]
+
+#: pooling modes of :func:`pool_features`
+POOLS = ("cls", "mean", "both")
+#: image size of raw external checkpoints when none is given
+DEFAULT_RAW_IMG_SIZE = 224
+
+
+# --------------------------------------------------------------------------------------
+# Loading a backbone
+# --------------------------------------------------------------------------------------
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def _leukolab_spec(obj: dict[str, Any]) -> tuple[str, str, int | None, dict[str, Any]] | None:
+    """``(kind, backbone name, img_size, backbone kwargs)`` of a leukolab checkpoint, else None."""
+    if isinstance(obj.get("backbone_name"), str):  # pretraining checkpoints (and anything shaped like them)
+        size = obj.get("img_size") or _get(obj, "config", "data", "img_size")
+        kwargs = obj.get("backbone_kwargs") or _get(obj, "config", "model", "backbone_kwargs") or {}
+        return str(obj.get("task") or "pretrain"), obj["backbone_name"], size, dict(kwargs)
+    name = _get(obj, "config", "model", "backbone")
+    if isinstance(name, str):
+        size = _get(obj, "config", "data", "img_size") or obj.get("img_size")
+        kwargs = _get(obj, "config", "model", "backbone_kwargs") or obj.get("backbone_kwargs") or {}
+        return str(obj.get("task") or "run"), name, size, dict(kwargs)
+    return None
+
+
+def _check_patch_multiple(model: nn.Module, img_size: int, where: str) -> None:
+    if not is_vit(model):
+        return
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if img_size % ph or img_size % pw:
+        raise LeukolabError(f"image size {img_size} is not a multiple of {where}'s patch size {ph}")
+
+
+def load_model_for_embedding(
+    model: Path | str, img_size: int | None = None, *, num_heads: int | None = None
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    """A headless backbone in eval mode, the image size to feed it, and what was loaded.
+
+    Args:
+        model: run folder, leukolab checkpoint, converted backbone or raw ViT file.
+        img_size: input size; default the checkpoint's own (224 for raw files).
+            ViTs are rebuilt for it (position embedding resampled); it must be
+            a multiple of the patch size.
+        num_heads: head count of a raw ViT checkpoint (only needed for
+            non-standard widths).
+
+    Returns:
+        ``(backbone, img_size, meta)`` with ``meta`` holding ``kind`` (the
+        checkpoint's ``task``, e.g. ``classification``; ``pretrain`` when a
+        pretraining checkpoint names none; ``run`` for other leukolab
+        checkpoints; ``converted`` or ``raw``),
+        ``checkpoint``, ``backbone``, ``img_size``, ``vit`` and ``notes``.
+
+    Raises:
+        LeukolabError: missing or unreadable file, unknown layout, weights
+            that do not fit, or an image size the ViT cannot take.
+    """
+    if img_size is not None and (isinstance(img_size, bool) or int(img_size) <= 0):
+        raise LeukolabError(f"--img-size {img_size!r} must be a positive integer")
+    path = Path(model)
+    if not path.exists():
+        raise LeukolabError(f"model {path} does not exist; expected a run folder or checkpoint file")
+    ckpt = resolve_checkpoint_path(path)
+    notes: list[str] = []
+    if ckpt.suffix == ".safetensors":
+        obj: dict[str, Any] = {}
+    else:
+        obj = read_checkpoint(ckpt)
+
+    if isinstance(obj.get("backbone"), dict) and isinstance(obj.get("backbone_config"), dict):
+        from leukolab.zoo.convert import load_converted_backbone, vit_from_config
+
+        config = dict(obj["backbone_config"])
+        native = int(config.get("img_size") or DEFAULT_RAW_IMG_SIZE)
+        size = int(img_size or native)
+        if size == native:
+            backbone, config = load_converted_backbone(ckpt)
+        else:
+            _check_vit_config_size(config, size, ckpt)
+            backbone = vit_from_config(config, img_size=size)
+            load_backbone_weights(backbone, ckpt)
+            notes.append(f"position embedding resampled from {native} to {size} px")
+        kind, name = "converted", f"vit (converted {obj.get('format', '?')})"
+    elif (spec := _leukolab_spec(obj)) is not None:
+        task, name, native, kwargs = spec
+        size = int(img_size or native or 0)
+        if not size:
+            raise LeukolabError(f"{ckpt}: the checkpoint does not record its image size; pass --img-size")
+        backbone = create_backbone(name, size, **kwargs)
+        if not isinstance(obj.get("backbone"), dict):
+            raise LeukolabError(f"{ckpt}: no 'backbone' weights in this checkpoint; expected a leukolab run")
+        load_backbone_weights(backbone, ckpt)
+        kind = task
+        if native and size != native:
+            notes.append(f"built at {size} px instead of the checkpoint's {native} px")
+    else:
+        from leukolab.zoo.convert import build_vit_from_checkpoint
+
+        size = int(img_size or DEFAULT_RAW_IMG_SIZE)
+        backbone, report = build_vit_from_checkpoint(ckpt, size, num_heads=num_heads)
+        notes.extend(report.notes)
+        notes.extend(report.resized)
+        kind, name = "raw", "vit (external checkpoint)"
+    _check_patch_multiple(backbone, size, str(ckpt))
+    backbone.eval()
+    meta = {
+        "kind": kind,
+        "checkpoint": str(ckpt),
+        "backbone": name,
+        "img_size": size,
+        "vit": is_vit(backbone),
+        "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 0) or 0) if is_vit(backbone) else 0,
+        "num_reg_tokens": int(getattr(backbone, "num_reg_tokens", 0) or 0) if is_vit(backbone) else 0,
+        "notes": notes,
+    }
+    return backbone, size, meta
+
+
+def _check_vit_config_size(config: dict[str, Any], size: int, ckpt: Path) -> None:
+    patch = config.get("patch_size", 16)
+    sides = [patch, patch] if isinstance(patch, int) else list(patch)
+    if any(size % int(p) for p in sides):
+        raise LeukolabError(f"image size {size} is not a multiple of {ckpt}'s patch size {sides[0]}")
+
+
+# --------------------------------------------------------------------------------------
+# Which images
+# --------------------------------------------------------------------------------------
+
+
+def _has_class_folders(folder: Path) -> bool:
+    return any(
+        d.is_dir() and not d.name.startswith(".") and d.name not in RESERVED_DIRS and any(
+            is_image_file(p) for p in d.rglob("*")
+        )
+        for d in folder.iterdir()
+    )
+
+
+def collect_images(data: Path | str, labels: bool = True) -> tuple[list[Path], list[str] | None, pd.DataFrame]:
+    """The images of one data set: paths, labels (``None`` when unlabelled) and metadata.
+
+    A folder of class folders (or one with ``train/val/test`` splits) and a
+    ``path,label[,split]`` CSV are read with
+    :func:`~leukolab.data.readers.read_labelled` (all splits, in order); a
+    folder of images without class folders, or a CSV with a ``path`` but no
+    ``label`` column, is unlabelled. ``labels=False`` ignores labels. The
+    metadata has a ``source`` column (the folder name, or the CSV's stem) and,
+    for split data, a ``split`` column.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise LeukolabError(f"{data} does not exist; expected an image folder or a path,label CSV file")
+    source = data.stem if data.is_file() else data.resolve().name
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise LeukolabError(f"{data}: expected a folder of images or a .csv file")
+        try:
+            columns = pd.read_csv(data, nrows=0).columns
+        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds
+            raise LeukolabError(f"{data}: not a readable CSV file ({exc.__class__.__name__})") from None
+        if "label" not in columns or not labels:
+            if "path" not in columns:
+                raise LeukolabError(f"{data}: no 'path' column; expected columns path[,label[,split]]")
+            frame = pd.read_csv(data)
+            paths = [Path(p) if Path(p).is_absolute() else data.parent / p for p in frame["path"].astype(str)]
+            absent = [p for p in paths if not p.is_file()]
+            if absent:
+                raise LeukolabError(f"{data}: image {absent[0]} does not exist ({len(absent)} missing in all)")
+            return paths, None, pd.DataFrame({"source": [source] * len(paths)})
+    elif not labels or not _has_class_folders(data):
+        paths = list_images(data)
+        paths = [p for p in paths if not set(p.relative_to(data).parts[:-1]) & RESERVED_DIRS]
+        if not paths:
+            raise LeukolabError(f"{data}: folder holds no images; expected .png/.jpg/.tif ... files")
+        return paths, None, pd.DataFrame({"source": [source] * len(paths)})
+    parts = read_labelled(data, min_classes=1)
+    paths: list[Path] = []
+    label_list: list[str] = []
+    splits: list[str] = []
+    for split, part in parts.items():
+        paths += list(part.paths)
+        label_list += list(part.labels)
+        splits += [split] * len(part)
+    extra = {"source": [source] * len(paths)}
+    if set(parts) != {"all"}:
+        extra["split"] = splits
+    return paths, label_list, pd.DataFrame(extra)
+
+
+def expand_image_inputs(inputs: Iterable[Path | str], limit: int | None = None) -> list[Path]:
+    """Image files and the images inside folders (recursive, sorted), at most ``limit`` in all."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise LeukolabError(f"{item}: folder holds no images")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        elif item.exists():
+            raise LeukolabError(f"{item}: not an image file; expected .png/.jpg/.tif ...")
+        else:
+            raise LeukolabError(f"{item} does not exist")
+    if not paths:
+        raise LeukolabError("no images given")
+    if limit is not None and limit > 0:
+        paths = paths[:limit]
+    return paths
+
+
+def load_image_batch(paths: Sequence[Path], img_size: int) -> torch.Tensor:
+    """``(B, 3, img_size, img_size)`` model inputs of ``paths`` (normalised like training)."""
+    tf = eval_transform(img_size)
+    return torch.stack([tf(load_rgb(Path(p))) for p in paths])
+
+
+# --------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------
+
+
+def pool_features(model: nn.Module, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """``(B, D)`` (``(B, 2D)`` for ``both``) embeddings of a batch.
+
+    ViTs: ``forward_features`` gives the final, normalised tokens; the first
+    ``num_prefix_tokens`` are the class (and register) tokens, the rest the
+    patches. ``cls`` takes the class token, ``mean`` averages the patch
+    tokens, ``both`` concatenates the two. Other backbones: their pooled
+    features (``model(x)``), whatever ``pool`` says.
+    """
+    if pool not in POOLS:
+        raise LeukolabError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+    if not is_vit(model):
+        return model(x).flatten(1)
+    tokens = model.forward_features(x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1) or 0)
+    has_cls = getattr(model, "cls_token", None) is not None
+    out = []
+    if pool in ("cls", "both"):
+        if not has_cls:
+            raise LeukolabError("this ViT has no class token; use --pool mean")
+        out.append(tokens[:, 0])
+    if pool in ("mean", "both"):
+        out.append(tokens[:, n_prefix:].mean(dim=1))
+    return torch.cat(out, dim=1)
+
+
+@torch.inference_mode()
+def embed_paths(
+    model: nn.Module,
+    paths: Sequence[Path],
+    img_size: int,
+    pool: str = "cls",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> np.ndarray:
+    """``(N, D)`` float32 embeddings of image files, in order (see :func:`pool_features`)."""
+    if batch_size < 1:
+        raise LeukolabError(f"--batch-size {batch_size} must be at least 1")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    loader = DataLoader(ImageDataset(list(paths), None, eval_transform(img_size)), batch_size=batch_size)
+    chunks = []
+    for x, _ in progress_bar(loader, desc="embedding", enable=show_progress, total=len(loader)):
+        chunks.append(pool_features(model, x.to(device), pool).float().cpu().numpy())
+    if not chunks:
+        raise LeukolabError("no images to embed")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def check_features_out(out: Path) -> Path:
+    """Refuse an existing output file or an unknown suffix before any work is done."""
+    out = Path(out)
+    if out.suffix.lower() not in FEATURE_SUFFIXES:
+        raise LeukolabError(f"--out {out}: unknown features file suffix; expected .npz or .parquet")
+    if out.exists():
+        raise LeukolabError(f"{out} already exists; refusing to overwrite it (choose another output path)")
+    return out
+
+
+def embed_dataset(
+    model: Path | str,
+    data: Sequence[Path | str] | Path | str,
+    out: Path | str,
+    pool: str = "cls",
+    img_size: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    show_progress: bool = True,
+    labels: bool = True,
+    num_heads: int | None = None,
+) -> tuple[Path, FeatureSet, dict[str, Any]]:
+    """Embed every image of one or more data sets and write a features file.
+
+    Returns ``(out, features, meta)``; ``meta`` is that of
+    :func:`load_model_for_embedding` plus ``pool``. When some data set has
+    no labels the features are unlabelled. Raises :class:`LeukolabError`
+    when ``out`` exists (checked before anything is computed).
+    """
+    from leukolab.training.loop import pick_device
+
+    out = check_features_out(Path(out))
+    if pool not in POOLS:
+        raise LeukolabError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+    if not sources:
+        raise LeukolabError("no DATA given; expected an image folder or a CSV")
+    all_paths: list[Path] = []
+    all_labels: list[str] | None = []
+    extras = []
+    for src in sources:
+        paths, lab, extra = collect_images(src, labels=labels)
+        all_paths += paths
+        extras.append(extra)
+        if lab is None or all_labels is None:
+            all_labels = None
+        else:
+            all_labels += lab
+    extra = pd.concat(extras, ignore_index=True)
+    if "split" in extra.columns:
+        extra["split"] = extra["split"].fillna("all")
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    if not meta["vit"] and pool != "cls":
+        meta["notes"].append(f"--pool {pool} ignored: {meta['backbone']} is not a ViT, its pooled features are used")
+    feats = embed_paths(backbone, all_paths, size, pool, batch_size, pick_device(device), show_progress)
+    fs = FeatureSet(feats, [str(p) for p in all_paths], all_labels, extra)
+    save_features(fs, out)
+    meta["pool"] = pool if meta["vit"] else "pooled"
+    return out, fs, meta
