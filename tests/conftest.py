@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,10 @@ def tiny_run(wbc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leukolab.pipelines.classify import train_classifier
 
     out = tmp_path_factory.mktemp("runs")
-    return train_classifier(out, overrides=tiny_overrides(wbc_small))
+    return train_classifier(out, overrides=_tiny_overrides(wbc_small))
 
 
-def tiny_overrides(data: Path, **extra: object) -> dict[str, object]:
+def _tiny_overrides(data: Path, **extra: object) -> dict[str, object]:
     """Config overrides of a fast CPU training run."""
     base: dict[str, object] = {
         "data.path": str(data), "data.img_size": 32, "data.batch_size": 16, "model.backbone": "resnet10t",
@@ -37,3 +38,9 @@ def tiny_overrides(data: Path, **extra: object) -> dict[str, object]:
     }
     base.update(extra)
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> Callable[..., dict[str, object]]:
+    """``tiny_overrides(data, **extra)`` -> overrides of a fast CPU training run."""
+    return _tiny_overrides

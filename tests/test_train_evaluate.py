@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,6 @@ import yaml
 from leukolab.pipelines import classify
 from leukolab.pipelines.classify import evaluate_run, predict_images, train_classifier
 from leukolab.training.loop import Trainer
-from tests.conftest import tiny_overrides
 
 
 def test_training_run_writes_its_folder_loss_falls_and_beats_chance(tiny_run: Path) -> None:
@@ -51,7 +51,7 @@ def test_predict_gives_a_probability_row_per_image(tiny_run: Path, wbc_small: Pa
     assert set(table["predicted"]) <= {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
 
 
-def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path) -> None:
+def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path, tiny_overrides: Callable[..., dict]) -> None:
     over = tiny_overrides(wbc_small, **{"train.epochs": 1, "data.label_fraction": 0.5})
     a = train_classifier(tmp_path, overrides=over)
     b = train_classifier(tmp_path, overrides=over)
@@ -62,7 +62,7 @@ def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path) -> None:
 
 
 def test_interrupted_run_resumes_to_the_same_result(
-    wbc_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    wbc_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_overrides: Callable[..., dict]
 ) -> None:
     over = tiny_overrides(wbc_small, **{"train.epochs": 2})
     full = train_classifier(tmp_path / "a", overrides=over)

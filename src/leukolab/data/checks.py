@@ -17,7 +17,7 @@ def is_readable_image(path: Path) -> bool:
         with Image.open(path) as im:
             im.load()
         return True
-    except Exception:  # noqa: BLE001 - any decoding failure means unreadable
+    except Exception:
         return False
 
 

@@ -18,7 +18,7 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoding failure
+    except Exception as exc:
         raise LeukolabError(f"cannot read image {path} ({exc.__class__.__name__}); expected an image file") from None
 
 

@@ -93,7 +93,7 @@ def read_csv(csv_path: Path, *, min_classes: int = 2) -> dict[str, LabelledImage
     """
     try:
         df = pd.read_csv(csv_path)
-    except Exception as exc:  # noqa: BLE001 - pandas raises many kinds
+    except Exception as exc:
         raise LeukolabError(f"{csv_path}: not a readable CSV file ({exc.__class__.__name__})") from None
     missing = {"path", "label"} - set(df.columns)
     if missing:

@@ -297,7 +297,7 @@ def _finish(od: np.ndarray, rng: np.random.Generator, d: float, size: int) -> np
     img *= _F(contrast)
     img += _F(mean)
     # optical blur
-    sigma = rng.uniform(0.0, 0.3 + 1.0 * d) * scale
+    sigma = rng.uniform(0.0, 0.3 + 1.2 * d) * scale
     if sigma > 0.15:
         img = ndimage.gaussian_filter(img, (sigma, sigma, 0.0), mode="nearest")
     # sensor noise
@@ -369,7 +369,7 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
     """Signed distance (units of the cell radius, positive inside) of the nucleus of a ``label`` cell."""
     if label == "lymphocyte":
         # round dense nucleus filling most of the cell, a little eccentric; larger rim at high difficulty
-        r = rng.uniform(0.76 - 0.14 * d, 0.87)
+        r = rng.uniform(0.76 - 0.2 * d, 0.87)
         off = rng.uniform(0.0, 0.9) * (0.95 - r)
         a = rng.uniform(0.0, 2.0 * np.pi)
         cx, cy = off * math.cos(a), off * math.sin(a)
@@ -382,7 +382,7 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
         return sdf
     if label == "monocyte":
         # thick arc: kidney (short span) ... horseshoe (long span); sometimes folded over
-        span = rng.uniform(1.3, 3.6)
+        span = rng.uniform(1.3, 3.6) if rng.random() >= 0.3 * d else rng.uniform(0.3, 1.3)  # barely indented
         ra = rng.uniform(0.3, 0.42)
         w = rng.uniform(0.21, 0.3) + 0.05 * (3.6 - span) / 2.3
         # put the arc's centroid near the cell centre, with a little eccentricity
@@ -398,7 +398,7 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
         return sdf
     if label == "neutrophil":
         n = int(rng.choice([3, 4, 5], p=[0.45, 0.4, 0.15]))
-        if rng.random() < 0.3 * d:
+        if rng.random() < 0.4 * d:
             n = 2  # at high difficulty some look bilobed
         r = rng.uniform(0.27, 0.34, n)
         merge = 0.4 * d * rng.random()  # lobes closer together at high difficulty
@@ -407,7 +407,7 @@ def _nucleus(label: str, lx: np.ndarray, ly: np.ndarray, rng: np.random.Generato
         strand = rng.uniform(0.03, 0.05) + 0.05 * d * rng.random()
         return _lobes_sdf(lx, ly, centres, r, strand, rng)
     if label == "eosinophil":
-        n = 3 if rng.random() < 0.2 * d else 2
+        n = 3 if rng.random() < 0.25 * d else 2
         r = rng.uniform(0.3, 0.36, n)
         merge = 0.3 * d * rng.random()
         centres = _chain(rng, r, (1.0 - merge, 1.2 - merge), 1.0)
@@ -513,8 +513,8 @@ def render_cell(
 
     # --- geometry of the WBC: jittered centre, radius, rotation, elongation, wobbly outline ----
     mean_r, sd_r = _RADIUS[label]
-    mean_r = _COMMON_RADIUS + (mean_r - _COMMON_RADIUS) * (1.0 - 0.35 * d)
-    R = min(0.95, zoom * mean_r * math.exp(rng.normal(0.0, sd_r / mean_r * (1.0 + 1.2 * d))))
+    mean_r = _COMMON_RADIUS + (mean_r - _COMMON_RADIUS) * (1.0 - 0.5 * d)
+    R = min(0.95, zoom * mean_r * math.exp(rng.normal(0.0, sd_r / mean_r * (1.0 + 1.5 * d))))
     jit = 0.03 + 0.07 * d
     ccx, ccy = (float(v) for v in np.clip(rng.normal(0.0, jit, 2), -0.15, 0.15))
     theta = rng.uniform(0.0, 2.0 * np.pi)
@@ -537,7 +537,7 @@ def render_cell(
     od *= (1.0 - 0.8 * cell_a)[..., None]
 
     # --- colours (drift towards a common cytoplasm colour at high difficulty) --------------------
-    mix = rng.uniform(0.0, 0.6 * d)
+    mix = rng.uniform(0.0, 0.8 * d)
     cyto_rgb = cyto_rgb + (_COMMON_CYTO - cyto_rgb) * mix
     cyto_rgb = np.clip(cyto_rgb * np.exp(rng.normal(0.0, 0.02 + 0.04 * d, 3)), 0.05, 1.0)
     cyto_od = (_od(cyto_rgb) - 0.2 * _od(_BG)).astype(_F)
@@ -572,8 +572,8 @@ def render_cell(
 
     if gran_rgb is not None:
         n_gran, g_sigma, g_w, over_nuc = _GRANULES[label]
-        density = 1.0 - 0.55 * d * rng.random()  # sparser ...
-        strength = 1.0 - 0.6 * d * rng.random()  # ... and fainter at high difficulty
+        density = 1.0 - 0.7 * d * rng.random()  # sparser ...
+        strength = 1.0 - 0.7 * d * rng.random()  # ... and fainter at high difficulty
         n = round(n_gran * density * R * R / 0.49 * scale**2)
         rr = 0.94 * np.sqrt(rng.random(n))
         aa = rng.uniform(0.0, 2.0 * np.pi, n)

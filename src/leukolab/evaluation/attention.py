@@ -25,14 +25,14 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-from leukolab.errors import LeukolabError  # noqa: E402
-from leukolab.models.backbones import is_vit  # noqa: E402
+from leukolab.errors import LeukolabError
+from leukolab.models.backbones import is_vit
 
 __all__ = [
     "attention_maps",

@@ -27,14 +27,14 @@ def classification_metrics(
     # macro scores over the classes present in y_true (absent classes have no recall to speak of)
     mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro", zero_division=0)
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
         "f1_macro": float(mf),
         "f1_weighted": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
         "precision_macro": float(mp),
         "recall_macro": float(mr),
-        "n_predicted_classes": int(len(set(y_pred.tolist()))),
+        "n_predicted_classes": len(set(y_pred.tolist())),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(class_names)

@@ -38,8 +38,10 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     path = resolve_checkpoint_path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - corrupt/unpicklable files
-        raise LeukolabError(f"cannot read checkpoint {path} ({exc.__class__.__name__}); expected a torch .pt/.pth file") from None
+    except Exception as exc:
+        raise LeukolabError(
+            f"cannot read checkpoint {path} ({exc.__class__.__name__}); expected a torch .pt/.pth file"
+        ) from None
     if not isinstance(obj, dict):
         raise LeukolabError(f"{path}: expected a dict of tensors or a leukolab checkpoint, got {type(obj).__name__}")
     return obj

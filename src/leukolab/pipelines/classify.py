@@ -69,9 +69,10 @@ def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
 def write_splits_csv(splits: Splits, path: Path) -> None:
     """One row per image: path, label, split, and whether its label was used."""
     used = set(map(str, splits.train.paths))
-    rows = [(str(p), lab, "train", str(p) in used) for p, lab in zip(splits.full_train.paths, splits.full_train.labels)]
+    full = splits.full_train
+    rows = [(str(p), lab, "train", str(p) in used) for p, lab in zip(full.paths, full.labels, strict=True)]
     for name, part in (("val", splits.val), ("test", splits.test)):
-        rows += [(str(p), lab, name, True) for p, lab in zip(part.paths, part.labels)]
+        rows += [(str(p), lab, name, True) for p, lab in zip(part.paths, part.labels, strict=True)]
     pd.DataFrame(rows, columns=["path", "label", "split", "labelled"]).to_csv(path, index=False)
 
 
@@ -192,7 +193,7 @@ def load_run(run: Path | str, device: torch.device | None = None) -> tuple[Class
         raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab train run folder")
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise LeukolabError(f"cannot read {ckpt_path} ({exc.__class__.__name__})") from None
     if state.get("task") != "classification":
         raise LeukolabError(f"{ckpt_path} is not a classification run (task={state.get('task')!r})")

@@ -221,7 +221,7 @@ def collect_images(data: Path | str, labels: bool = True) -> tuple[list[Path], l
             raise LeukolabError(f"{data}: expected a folder of images or a .csv file")
         try:
             columns = pd.read_csv(data, nrows=0).columns
-        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds
+        except Exception as exc:
             raise LeukolabError(f"{data}: not a readable CSV file ({exc.__class__.__name__})") from None
         if "label" not in columns or not labels:
             if "path" not in columns:
@@ -395,3 +395,170 @@ def embed_dataset(
     save_features(fs, out)
     meta["pool"] = pool if meta["vit"] else "pooled"
     return out, fs, meta
+
+
+# --------------------------------------------------------------------------------------
+# Probing a features file
+# --------------------------------------------------------------------------------------
+
+
+def _select(fs: FeatureSet, spec: str, role: str, feats_path: Path) -> FeatureSet:
+    """A features file, or the rows of ``fs`` whose ``split`` or ``source`` column equals ``spec``."""
+    from leukolab.evaluation.features import load_features
+
+    candidate = Path(spec)
+    if candidate.suffix.lower() in FEATURE_SUFFIXES and candidate.is_file():
+        return load_features(candidate)
+    columns = [c for c in ("split", "source") if fs.extra is not None and c in fs.extra.columns]
+    for col in columns:
+        values = fs.extra[col].astype(str)
+        if (values == spec).any():
+            return fs.subset(np.flatnonzero(values.to_numpy() == spec))
+    known = sorted({str(v) for c in columns for v in fs.extra[c].astype(str).unique()})
+    hint = f"a value of its split/source column ({', '.join(known[:8])})" if known else "a features file"
+    raise LeukolabError(f"--{role} {spec!r}: not a features file and not found in {feats_path}; expected {hint}")
+
+
+def probe_features(
+    feats: Path | str,
+    folds: int = 5,
+    seed: int = 0,
+    train: str | None = None,
+    test: str | None = None,
+    out: Path | str | None = None,
+    ks: Sequence[int] = (1, 20),
+    show_progress: bool = True,
+    n_jobs: int | None = None,
+) -> tuple[Path, str]:
+    """kNN and linear probes of a features file; writes ``probe.csv`` and ``probe.md`` into a new folder.
+
+    Without ``train``/``test``: stratified ``folds``-fold cross-validation.
+    With both: fit on ``train`` and score on ``test``, each a features file or
+    a value of the ``split`` (or ``source``) column of ``feats``. The folder
+    is ``out`` (uniquified: ``out-2``, ...) or ``FEATS_stem-probe`` next to
+    ``feats``. Returns ``(folder, markdown text)``.
+    """
+    from leukolab.evaluation.features import load_features
+    from leukolab.evaluation.probe import cross_validate_probes, evaluate_fixed_split, summarise, to_markdown
+    from leukolab.utils.runs import unique_child
+
+    feats = Path(feats)
+    fs = load_features(feats)
+    if (train is None) != (test is None):
+        raise LeukolabError("give both --train and --test, or neither (then the probes are cross-validated)")
+    if train is not None and test is not None:
+        train_fs, test_fs = _select(fs, train, "train", feats), _select(fs, test, "test", feats)
+        results = evaluate_fixed_split(train_fs, test_fs, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs)
+        how = f"fit on {train} ({len(train_fs)} rows), scored on {test} ({len(test_fs)} rows), seed {seed}"
+        classes = train_fs.classes
+    else:
+        results = cross_validate_probes(fs, folds=folds, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs)
+        how = f"stratified {folds}-fold cross-validation, seed {seed}"
+        classes = fs.classes
+    table = to_markdown(summarise(results))
+    out_dir = (
+        unique_child(feats.parent, f"{feats.stem}-probe") if out is None else unique_child(Path(out).parent,
+                                                                                             Path(out).name)
+    )
+    results.to_csv(out_dir / "probe.csv", index=False)
+    text = (
+        f"# Probes of {feats.name}\n\n"
+        f"{len(fs)} rows, {fs.dim} dimensions, {len(classes)} classes; {how}. "
+        "Metrics in percent, mean (± std over folds).\n\n" + table
+    )
+    (out_dir / "probe.md").write_text(text, encoding="utf-8")
+    return out_dir, table
+
+
+# --------------------------------------------------------------------------------------
+# Visual diagnostics of a ViT
+# --------------------------------------------------------------------------------------
+
+
+def _require_vit_meta(meta: dict[str, Any], what: str) -> None:
+    if not meta["vit"]:
+        raise LeukolabError(f"{what} needs a Vision Transformer; {meta['checkpoint']} holds {meta['backbone']}")
+
+
+def _unique_names(paths: Sequence[Path], suffix: str) -> list[str]:
+    names, seen = [], set()
+    for p in paths:
+        base, k = f"{p.stem}{suffix}", 2
+        name = base
+        while name in seen:
+            name, k = f"{base}-{k}", k + 1
+        seen.add(name)
+        names.append(name + ".png")
+    return names
+
+
+def attention_figures(
+    model: Path | str,
+    images: Sequence[Path | str],
+    out_dir: Path | str,
+    img_size: int | None = None,
+    limit: int | None = 16,
+    batch_size: int = 8,
+    num_heads: int | None = None,
+) -> list[Path]:
+    """One attention grid PNG per image in ``out_dir`` (see :func:`leukolab.evaluation.attention.attention_maps`)."""
+    from leukolab.data.transforms import denormalise
+    from leukolab.evaluation.attention import attention_maps, plot_attention_grid, prefix_token_names
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeukolabError(f"--out {out_dir} is a file; expected a folder for the PNGs")
+    paths = expand_image_inputs(images, limit)
+    targets = [out_dir / n for n in _unique_names(paths, "_attention")]
+    taken = [t for t in targets if t.exists()]
+    if taken:
+        raise LeukolabError(f"{taken[0]} already exists; refusing to overwrite it (choose another --out folder)")
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    _require_vit_meta(meta, "attention maps")
+    names = prefix_token_names(backbone)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        x = load_image_batch(chunk, size)
+        maps = attention_maps(backbone, x)
+        for i, p in enumerate(chunk):
+            target = targets[start + i]
+            plot_attention_grid(denormalise(x[i]), maps[i], target, names,
+                                title=f"{p.name}: last-block attention to patches (bracket: share on patches)")
+            written.append(target)
+    return written
+
+
+def pca_figure(
+    model: Path | str,
+    images: Sequence[Path | str],
+    out: Path | str,
+    img_size: int | None = None,
+    limit: int | None = 16,
+    threshold: float | None = 0.5,
+    batch_size: int = 8,
+    num_heads: int | None = None,
+) -> Path:
+    """One grid PNG: each image next to the first 3 PCA components of its patch features as RGB."""
+    from leukolab.data.transforms import denormalise
+    from leukolab.evaluation.attention import patch_features, pca_rgb, plot_pca_grid
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise LeukolabError(f"--out {out}: expected a .png file")
+    if out.exists():
+        raise LeukolabError(f"{out} already exists; refusing to overwrite it")
+    if threshold is not None and not 0.0 <= threshold < 1.0:
+        raise LeukolabError(f"--threshold {threshold}: expected a value in [0, 1)")
+    paths = expand_image_inputs(images, limit)
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    _require_vit_meta(meta, "PCA of patch features")
+    feats, shown = [], []
+    for start in range(0, len(paths), batch_size):
+        x = load_image_batch(paths[start : start + batch_size], size)
+        feats.append(patch_features(backbone, x))
+        shown += [denormalise(img) for img in x]
+    rgb, _ = pca_rgb(torch.cat(feats), threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return plot_pca_grid(shown, rgb, out, [p.name for p in paths])

@@ -119,7 +119,7 @@ class Trainer:
 
     def _build_scheduler(self, steps_per_epoch: int) -> None:
         total = max(1, math.ceil(steps_per_epoch / self.config.grad_accum) * self.config.epochs)
-        warmup = int(round(self.config.warmup_epochs * steps_per_epoch / self.config.grad_accum))
+        warmup = round(self.config.warmup_epochs * steps_per_epoch / self.config.grad_accum)
         self.scheduler = warmup_cosine(self.optimizer, min(warmup, total - 1), total, self.config.min_lr_ratio)
         self.total_steps = total
 
@@ -201,7 +201,8 @@ class Trainer:
             for k, v in out.logs.items():
                 sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + float(v) * n
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums['train_loss'] / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{sums['train_loss'] / count:.4f}", lr=f"{lr:.2e}")
         return {k: v / max(1, count) for k, v in sums.items()}
 
     def _optimizer_step(self) -> None:
@@ -304,5 +305,6 @@ class Trainer:
             self.load_state_dict(state)
         except LeukolabError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            raise LeukolabError(f"cannot resume from {path} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise LeukolabError(f"cannot resume from {path} ({exc.__class__.__name__}: {first})") from None

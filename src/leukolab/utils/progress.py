@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -10,9 +10,8 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, enable: bool = True, total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a tqdm bar when ``enable``."""
+def progress(items: Iterable[T], desc: str, enable: bool = True, total: int | None = None) -> Iterable[T]:
+    """``items`` wrapped in a tqdm bar (which has ``set_postfix``) when ``enable``, else as is."""
     if not enable:
-        yield from items
-        return
-    yield from tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+        return items
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
