@@ -12,7 +12,14 @@ try:
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_exc
 
-from leukolab.cli import cmd_classify, cmd_demo, cmd_synth  # noqa: F401 - registers the commands
+from leukolab.cli import (  # noqa: F401 - each module registers its commands
+    cmd_classify,
+    cmd_demo,
+    cmd_embed,
+    cmd_experiment,
+    cmd_pretrain,
+    cmd_synth,
+)
 from leukolab.cli.app import app
 from leukolab.errors import EXIT_USER_ERROR, LeukolabError
 

@@ -104,7 +104,7 @@ _CHROMATIN: dict[str, tuple[float, float]] = {
     "eosinophil": (0.22, 1.1),
     "basophil": (0.2, 1.1),
 }
-# granules per class: count (for a cell of radius 0.7 at 64 px), dot sigma (px at 64 px), weight,
+# granules per class: count (for a cell of radius 0.7, at any pixel size), dot sigma (px at 64 px), weight,
 # visibility over the nucleus (0: cytoplasm only, 1: everywhere)
 _GRANULES: dict[str, tuple[int, float, float, float]] = {
     "neutrophil": (260, 0.55, 0.35, 0.3),
@@ -574,7 +574,7 @@ def render_cell(
         n_gran, g_sigma, g_w, over_nuc = _GRANULES[label]
         density = 1.0 - 0.7 * d * rng.random()  # sparser ...
         strength = 1.0 - 0.7 * d * rng.random()  # ... and fainter at high difficulty
-        n = round(n_gran * density * R * R / 0.49 * scale**2)
+        n = round(n_gran * density * R * R / 0.49)  # a physical count: independent of the pixel size
         rr = 0.94 * np.sqrt(rng.random(n))
         aa = rng.uniform(0.0, 2.0 * np.pi, n)
         gu, gv = rr * np.cos(aa) * sa, rr * np.sin(aa) * sb

@@ -212,8 +212,7 @@ def write_embedding_html(
             info += f" | {values.name}: {groups[i]}"
         lines.append(
             f'<circle cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="{radius:.1f}" fill="{colors[i]}" fill-opacity="0.8" '
-            f'data-group="{html.escape(groups[i], quote=True)}" data-info="{html.escape(info, quote=True)}">'
-            f"<title>{html.escape(info)}</title></circle>"
+            f'data-group="{html.escape(groups[i], quote=True)}" data-info="{html.escape(info, quote=True)}"/>'
         )
     legend = ""
     if palette is not None:

@@ -47,6 +47,19 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return obj
 
 
+def checkpoint_backbone_spec(path: Path | str) -> dict[str, Any]:
+    """``{backbone, backbone_kwargs, img_size}`` recorded in a leukolab checkpoint ({} for foreign files)."""
+    state = read_checkpoint(path)
+    if "backbone_name" in state:
+        return {"backbone": state["backbone_name"], "backbone_kwargs": state.get("backbone_kwargs") or {},
+                "img_size": state.get("img_size")}
+    cfg = state.get("config")
+    if isinstance(cfg, dict) and "model" in cfg:
+        return {"backbone": cfg["model"]["backbone"], "backbone_kwargs": cfg["model"].get("backbone_kwargs") or {},
+                "img_size": cfg["data"]["img_size"]}
+    return {}
+
+
 def extract_backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The backbone tensors of a checkpoint object, wrapper prefixes removed."""
     if isinstance(obj.get("backbone"), dict):

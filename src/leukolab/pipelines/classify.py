@@ -22,8 +22,9 @@ from leukolab.data.transforms import eval_transform, train_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.metrics import classification_metrics
 from leukolab.evaluation.plots import plot_confusion_matrix, plot_curves
+from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.classifier import Classifier, build_classifier
-from leukolab.models.weights import load_backbone_weights
+from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
 from leukolab.training.loop import Trainer, TrainerConfig, pick_device
 from leukolab.utils.runs import dump_json, dump_yaml, new_run_dir, unique_child
@@ -110,11 +111,21 @@ def build_model(cfg: dict[str, Any], num_classes: int) -> Classifier:
     return model
 
 
-TRAIN_OVERRIDE_KEYS = (
-    "data.path", "data.img_size", "data.label_fraction", "data.batch_size", "data.check_images",
-    "model.backbone", "model.init", "model.head", "model.freeze_backbone", "optim.lr", "optim.weight_decay",
-    "optim.grad_accum", "optim.class_weights", "train.epochs", "train.device", "train.keep_last", "seed",
-)
+def adopt_init_architecture(cfg: dict[str, Any]) -> None:
+    """Fill ``model.backbone_kwargs`` (e.g. ``reg_tokens``) from a leukolab ``--init`` checkpoint.
+
+    A checkpoint of another architecture than ``model.backbone`` is refused.
+    """
+    spec = checkpoint_backbone_spec(cfg["model"]["init"])
+    if not spec:
+        return
+    want, have = resolve_backbone_name(cfg["model"]["backbone"]), resolve_backbone_name(spec["backbone"])
+    if want != have:
+        raise LeukolabError(
+            f"--init {cfg['model']['init']} holds a {have} backbone but --backbone is {want}; "
+            "expected a checkpoint of the same architecture"
+        )
+    cfg["model"]["backbone_kwargs"] = {**spec["backbone_kwargs"], **(cfg["model"].get("backbone_kwargs") or {})}
 
 
 def train_classifier(
@@ -146,6 +157,7 @@ def train_classifier(
         cfg["data"]["path"] = str(Path(cfg["data"]["path"]).resolve())
         if cfg["model"].get("init"):
             cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
+            adopt_init_architecture(cfg)
     seed = int(cfg["seed"])
     seed_everything(seed)
     splits = make_splits(cfg["data"], seed)

@@ -360,7 +360,7 @@ def embed_dataset(
 ) -> tuple[Path, FeatureSet, dict[str, Any]]:
     """Embed every image of one or more data sets and write a features file.
 
-    Returns ``(out, features, meta)``; ``meta`` is that of
+    Paths are stored absolute. Returns ``(out, features, meta)``; ``meta`` is that of
     :func:`load_model_for_embedding` plus ``pool``. When some data set has
     no labels the features are unlabelled. Raises :class:`LeukolabError`
     when ``out`` exists (checked before anything is computed).
@@ -391,7 +391,7 @@ def embed_dataset(
     if not meta["vit"] and pool != "cls":
         meta["notes"].append(f"--pool {pool} ignored: {meta['backbone']} is not a ViT, its pooled features are used")
     feats = embed_paths(backbone, all_paths, size, pool, batch_size, pick_device(device), show_progress)
-    fs = FeatureSet(feats, [str(p) for p in all_paths], all_labels, extra)
+    fs = FeatureSet(feats, [str(p.resolve()) for p in all_paths], all_labels, extra)
     save_features(fs, out)
     meta["pool"] = pool if meta["vit"] else "pooled"
     return out, fs, meta

@@ -1,0 +1,179 @@
+"""Label-efficiency experiment: from scratch vs pretrained inits at several label fractions and seeds.
+
+Each cell (init, mode, fraction, seed) is one ordinary ``train`` run followed by
+an evaluation on the test split. Finished cells are appended to
+``label_efficiency.csv`` as they complete, so an interrupted experiment resumes
+where it stopped without redoing them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
+
+from leukolab.config import read_yaml
+from leukolab.data.splits import check_fraction
+from leukolab.errors import LeukolabError
+from leukolab.models.weights import checkpoint_backbone_spec
+from leukolab.pipelines.classify import evaluate_run, train_classifier
+from leukolab.utils.runs import write_new
+
+RESULTS = "label_efficiency.csv"
+METRICS = ("balanced_accuracy", "f1_macro", "accuracy")
+
+
+def plan_cells(
+    inits: dict[str, str | None], fractions: Sequence[float], seeds: Sequence[int], linear_probe: bool
+) -> list[dict[str, Any]]:
+    """All cells: scratch fine-tune, and fine-tune (+ linear probe) for each pretrained init."""
+    cells = []
+    for name, path in inits.items():
+        modes = ["finetune"] + (["linear"] if linear_probe and path else [])
+        for mode in modes:
+            for f in fractions:
+                for s in seeds:
+                    cells.append({"init": name, "init_path": path, "mode": mode, "fraction": f, "seed": s})
+    return cells
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    """A stable id of a cell."""
+    return f"{cell['init']}|{cell['mode']}|{cell['fraction']:g}|{cell['seed']}"
+
+
+def run_label_efficiency(
+    data: Path | str,
+    out: Path | str,
+    pretrained: dict[str, str],
+    fractions: Sequence[float] = (1.0, 0.5, 0.1, 0.01),
+    seeds: int = 3,
+    base_overrides: dict[str, Any] | None = None,
+    linear_probe: bool = True,
+    linear_lr: float = 1e-2,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) the experiment into ``out``; returns ``out``."""
+    fractions = [check_fraction(float(f)) for f in fractions]
+    if seeds < 1:
+        raise LeukolabError(f"--seeds {seeds} must be >= 1")
+    for name, path in pretrained.items():
+        if name == "scratch":
+            raise LeukolabError("'scratch' is reserved for the from-scratch baseline; pick another init name")
+        if not Path(path).exists():
+            raise LeukolabError(f"pretrained init {name}={path} does not exist")
+    out = Path(out)
+    spec = {
+        "data": str(Path(data).resolve()), "pretrained": {k: str(Path(v).resolve()) for k, v in pretrained.items()},
+        "fractions": fractions, "seeds": seeds, "overrides": base_overrides or {}, "linear_probe": linear_probe,
+        "linear_lr": linear_lr,
+    }
+    if (out / "experiment.yaml").is_file():
+        saved = read_yaml(out / "experiment.yaml")
+        if saved != json.loads(json.dumps(spec)):
+            raise LeukolabError(f"{out} holds an experiment with a different setup; use a new --out folder")
+        log(f"resuming the experiment in {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_new(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+    inits: dict[str, str | None] = {"scratch": None, **spec["pretrained"]}
+    arch = checkpoint_backbone_spec(next(iter(spec["pretrained"].values()))) if pretrained else {}
+    results_path = out / RESULTS
+    done = set()
+    if results_path.is_file():
+        done = {cell_key(r) for r in pd.read_csv(results_path).to_dict("records")}
+    cells = plan_cells(inits, fractions, range(seeds), linear_probe)
+    todo = [c for c in cells if cell_key(c) not in done]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
+    for i, cell in enumerate(todo, 1):
+        overrides = dict(base_overrides or {})
+        if arch:
+            overrides.setdefault("model.backbone", arch["backbone"])
+            overrides.setdefault("model.backbone_kwargs", arch["backbone_kwargs"])
+            if arch.get("img_size"):
+                overrides.setdefault("data.img_size", arch["img_size"])
+        overrides.update({
+            "data.path": spec["data"], "data.label_fraction": cell["fraction"], "seed": cell["seed"],
+            "model.init": cell["init_path"], "model.freeze_backbone": cell["mode"] == "linear",
+            "data.check_images": False, "train.progress": False, "train.keep_last": 0,
+        })
+        if cell["mode"] == "linear":
+            overrides["optim.lr"] = linear_lr
+            overrides["optim.weight_decay"] = 0.0
+        log(f"[{i}/{len(todo)}] {cell_key(cell)}")
+        run_dir = train_classifier(out / "runs", overrides=overrides,
+                                   name=f"{cell['init']}-{cell['mode']}-f{cell['fraction']:g}-s{cell['seed']}")
+        eval_dir = evaluate_run(run_dir, check_images=False, show_progress=False)
+        m = json.loads((eval_dir / "metrics.json").read_text())
+        row = {k: v for k, v in cell.items() if k != "init_path"}
+        row.update({k: m[k] for k in METRICS})
+        row["n_predicted_classes"] = m["n_predicted_classes"]
+        row["run"] = str(run_dir)
+        pd.DataFrame([row]).to_csv(results_path, mode="a", header=not results_path.is_file(), index=False)
+    write_summary(out)
+    return out
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds per (init, mode, fraction)."""
+    g = results.groupby(["init", "mode", "fraction"], sort=False)
+    out = g[list(METRICS)].agg(["mean", "std"]).reset_index()
+    out.columns = ["_".join(c).strip("_") for c in out.columns]
+    out["n_seeds"] = g.size().values
+    return out
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    """Rows = init/mode, columns = label fractions, cells 'balanced accuracy / macro F1' mean ± std."""
+    fractions = sorted(summary["fraction"].unique(), reverse=True)
+    lines = ["| init | mode | " + " | ".join(f"{f:g} labels: bal. acc / macro F1" for f in fractions) + " |",
+             "|---|---|" + "---:|" * len(fractions)]
+    for (init, mode), part in summary.groupby(["init", "mode"], sort=False):
+        cells = []
+        for f in fractions:
+            r = part[part["fraction"] == f]
+            if r.empty:
+                cells.append("–")
+                continue
+            r = r.iloc[0]
+            sd_b = 0.0 if pd.isna(r["balanced_accuracy_std"]) else r["balanced_accuracy_std"]
+            sd_f = 0.0 if pd.isna(r["f1_macro_std"]) else r["f1_macro_std"]
+            cells.append(f"{r['balanced_accuracy_mean']:.3f} ± {sd_b:.3f} / {r['f1_macro_mean']:.3f} ± {sd_f:.3f}")
+        lines.append(f"| {init} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: pd.DataFrame, path: Path) -> Path:
+    """Balanced accuracy and macro F1 against the label fraction (log x), one line per init/mode."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, metric in zip(axes, ("balanced_accuracy", "f1_macro"), strict=True):
+        for (init, mode), part in summary.groupby(["init", "mode"], sort=False):
+            part = part.sort_values("fraction")
+            ax.errorbar(part["fraction"] * 100, part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0),
+                        marker="o", capsize=3, label=f"{init} ({mode})")
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images (%)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: Path) -> None:
+    """(Re)write label_efficiency.md and .png from label_efficiency.csv (derived files)."""
+    results = pd.read_csv(out / RESULTS)
+    summary = summarise(results)
+    summary.to_csv(out / "label_efficiency_summary.csv", index=False)
+    (out / "label_efficiency.md").write_text(to_markdown(summary))
+    plot(summary, out / "label_efficiency.png")
