@@ -6,6 +6,7 @@ Both give a :class:`LabelledImages`; a folder with ``train/``, ``val/`` and/or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def is_image_file(path: Path) -> bool:
 def list_images(folder: Path) -> list[Path]:
     """All image files below ``folder`` (recursive), sorted."""
     return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def expand_image_inputs(inputs: Iterable[Path | str], limit: int | None = None) -> list[Path]:
+    """Image files and the images inside folders (recursive, sorted), at most ``limit`` in all."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise LeukolabError(f"{item}: folder holds no images")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        elif item.exists():
+            raise LeukolabError(f"{item}: not an image file; expected .png/.jpg/.tif ...")
+        else:
+            raise LeukolabError(f"{item} does not exist")
+    if not paths:
+        raise LeukolabError("no images given")
+    if limit is not None and limit > 0:
+        paths = paths[:limit]
+    return paths
 
 
 def read_image_folder(root: Path, *, min_classes: int = 2) -> LabelledImages:

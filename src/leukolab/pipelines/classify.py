@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from leukolab.config import diff_overrides, read_yaml, resolve
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import ImageDataset
-from leukolab.data.readers import LabelledImages, is_image_file, list_images, read_labelled
+from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
 from leukolab.data.transforms import eval_transform, train_transform
 from leukolab.errors import LeukolabError
@@ -268,20 +268,7 @@ def evaluate_run(
 def predict_images(run: Path | str, inputs: list[Path], batch_size: int = 128) -> pd.DataFrame:
     """Predicted class and per-class probabilities for image files and/or folders."""
     objective, cfg = load_run(run)
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = list_images(item)
-            if not found:
-                raise LeukolabError(f"{item}: folder holds no images")
-            paths += found
-        elif is_image_file(item):
-            paths.append(item)
-        elif item.exists():
-            raise LeukolabError(f"{item}: not an image file; expected .png/.jpg/.tif ...")
-        else:
-            raise LeukolabError(f"{item} does not exist")
+    paths = expand_image_inputs(inputs)
     require_readable(paths, show_progress=False)
     names = objective.class_names
     data = LabelledImages(paths, [names[0]] * len(paths), names)

@@ -23,7 +23,7 @@ normalisation every leukolab model is trained with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from leukolab.data.dataset import ImageDataset, load_rgb
-from leukolab.data.readers import RESERVED_DIRS, is_image_file, list_images, read_labelled
+from leukolab.data.readers import RESERVED_DIRS, expand_image_inputs, is_image_file, list_images, read_labelled
 from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
@@ -250,29 +250,6 @@ def collect_images(data: Path | str, labels: bool = True) -> tuple[list[Path], l
     if set(parts) != {"all"}:
         extra["split"] = splits
     return paths, label_list, pd.DataFrame(extra)
-
-
-def expand_image_inputs(inputs: Iterable[Path | str], limit: int | None = None) -> list[Path]:
-    """Image files and the images inside folders (recursive, sorted), at most ``limit`` in all."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = list_images(item)
-            if not found:
-                raise LeukolabError(f"{item}: folder holds no images")
-            paths += found
-        elif is_image_file(item):
-            paths.append(item)
-        elif item.exists():
-            raise LeukolabError(f"{item}: not an image file; expected .png/.jpg/.tif ...")
-        else:
-            raise LeukolabError(f"{item} does not exist")
-    if not paths:
-        raise LeukolabError("no images given")
-    if limit is not None and limit > 0:
-        paths = paths[:limit]
-    return paths
 
 
 def load_image_batch(paths: Sequence[Path], img_size: int) -> torch.Tensor:
