@@ -15,6 +15,7 @@ from PIL import Image
 import leukolab.cli.cmd_embed  # noqa: F401 - registers the commands
 from leukolab.cli.main import main
 from leukolab.data.synthetic import make_wbc_dataset
+from leukolab.data.transforms import denormalise
 from leukolab.evaluation.attention import attention_maps, attention_weights, last_block_attention, pca_rgb
 from leukolab.evaluation.features import FeatureSet, load_features, save_features
 from leukolab.pipelines.embed import load_image_batch, load_model_for_embedding, pool_features
@@ -80,6 +81,25 @@ def test_every_checkpoint_layout_gives_the_same_backbone(files: dict[str, Path],
     assert size == 48 and model.patch_embed.grid_size == (6, 6) and meta["notes"]
 
 
+def test_external_weights_get_imagenet_normalisation(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    conv = tmp_path / "conv.pt"
+    assert run_cli(["convert", files["raw"], "--img-size", 32, "--out", conv], capsys)[0] == 0
+    expected = {files["pre"]: "leukolab", files["cls"]: "leukolab", conv: "imagenet", files["raw"]: "imagenet"}
+    for path, norm in expected.items():
+        assert load_model_for_embedding(path, 32)[2]["normalisation"] == norm
+    assert load_model_for_embedding(conv, 32, norm="leukolab")[2]["normalisation"] == "leukolab"
+    paths = sorted((files["data"] / "monocyte").glob("*.png"))[:2]
+    a, b = load_image_batch(paths, 32), load_image_batch(paths, 32, "imagenet")
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(denormalise(a[0]), denormalise(b[0], "imagenet"), atol=1e-5, rtol=0)
+    out = tmp_path / "f.npz"
+    code, stdout, err = run_cli(["embed", conv, files["data"], "--out", out, "--no-progress"], capsys)
+    assert code == 0 and "imagenet normalisation" in stdout, err
+    code, _, err = run_cli(["embed", conv, files["data"], "--out", tmp_path / "g.npz", "--norm", "imagenett",
+                            "--no-progress"], capsys)
+    assert code == 2 and "imagenett" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(("pool", "dim", "suffix"), [("cls", 192, ".npz"), ("mean", 192, ".parquet"),
                                                      ("both", 384, ".npz")])
 def test_embed_writes_one_row_per_image(files: dict[str, Path], tmp_path: Path, capsys, pool, dim, suffix) -> None:
@@ -104,6 +124,22 @@ def test_embed_writes_one_row_per_image(files: dict[str, Path], tmp_path: Path, 
     # never overwritten
     code, _, err = run_cli(["embed", files["pre"], files["data"], "--out", out, "--no-progress"], capsys)
     assert code == 2 and "already exists" in err and len(err.splitlines()) == 1
+
+
+def test_embed_random_init_keeps_the_architecture_but_not_the_weights(
+    files: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    outs = {}
+    for name, extra in (("loaded", []), ("random", ["--random-init"]), ("random2", ["--random-init"])):
+        outs[name] = tmp_path / f"{name}.npz"
+        code, stdout, err = run_cli(["embed", files["pre"], files["data"], "--out", outs[name], "--no-progress",
+                                     *extra], capsys)
+        assert code == 0, err
+    loaded, random, random2 = (load_features(outs[k]).features for k in ("loaded", "random", "random2"))
+    assert loaded.shape == random.shape
+    assert np.abs(loaded - random).max() > 1e-3  # other weights
+    np.testing.assert_array_equal(random, random2)  # same seed, same random backbone
+    assert "random init" in stdout
 
 
 def test_embed_unlabelled_folder_and_several_sources(files: dict[str, Path], tmp_path: Path, capsys) -> None:

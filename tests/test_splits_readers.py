@@ -84,3 +84,21 @@ def test_reader_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("file,cls\na,b\n")
     with pytest.raises(LeukolabError, match="missing column"):
         read_labelled(tmp_path / "bad.csv")
+
+
+def test_a_missing_test_split_is_carved_out_of_train(tmp_path: Path) -> None:
+    from leukolab.config import resolve
+    from leukolab.pipelines.classify import make_splits
+
+    for split, n in (("train", 20), ("val", 4)):
+        for c in ("a", "b"):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(d / f"{c}{i}.png")
+    cfg = resolve("train", None, {"data.path": str(tmp_path)})
+    s = make_splits(cfg["data"], seed=0)
+    assert len(s.val) == 8 and all("/val/" in str(p) for p in s.val.paths)
+    assert len(s.test) == 6 and all("/train/" in str(p) for p in s.test.paths)
+    assert not set(s.test.paths) & set(s.train.paths)
+    assert len(s.train) == 34

@@ -84,3 +84,22 @@ def test_interrupted_run_resumes_to_the_same_result(
     h_full = pd.read_csv(full / "history.csv").drop(columns="epoch_time_s")
     h_res = pd.read_csv(broken / "history.csv").drop(columns="epoch_time_s")
     pd.testing.assert_frame_equal(h_full, h_res, atol=1e-5, rtol=1e-4)
+
+
+def test_min_samples_per_epoch_repeats_a_small_labelled_set(wbc_small: Path) -> None:
+    from collections import Counter
+
+    from leukolab.data.readers import read_image_folder
+
+    data = read_image_folder(wbc_small)
+    few = type(data)(data.paths[:6], data.labels[:6])
+    names = sorted(set(data.labels))
+    loader = classify.make_loader(few, names, 32, 4, train=True, min_samples=24, seed=0)
+    batches = [y for _, y in loader]
+    assert len(batches) == 6 and all(len(y) == 4 for y in batches)
+    plain = classify.make_loader(few, names, 32, 4, train=True, seed=0)
+    assert sum(len(y) for _, y in plain) == 4  # one batch, drop_last
+    # every image is seen equally often: whole passes over the data
+    ds = loader.dataset
+    idx = list(loader.sampler)
+    assert Counter(idx) == Counter({i: 4 for i in range(len(ds))})

@@ -24,6 +24,8 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
     label_fraction: Optional[float] = typer.Option(None, "--label-fraction", help="Share of training labels, (0, 1]."),
+    min_samples_per_epoch: Optional[int] = typer.Option(
+        None, "--min-samples-per-epoch", help="Repeat a small labelled set up to this many samples per epoch."),
     init: Optional[Path] = typer.Option(None, "--init", help="Local checkpoint to initialise the backbone."),
     head: Optional[str] = typer.Option(None, "--head", help="linear or mlp."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
@@ -42,6 +44,7 @@ def train(
     overrides = {
         "data.path": str(data) if data is not None else None, "data.img_size": img_size,
         "data.label_fraction": label_fraction, "data.batch_size": batch_size, "data.check_images": check_images,
+        "data.min_samples_per_epoch": min_samples_per_epoch,
         "model.backbone": backbone, "model.init": str(init) if init is not None else None, "model.head": head,
         "model.freeze_backbone": freeze_backbone, "optim.lr": lr, "optim.weight_decay": weight_decay,
         "optim.grad_accum": grad_accum, "optim.class_weights": class_weights, "train.epochs": epochs,

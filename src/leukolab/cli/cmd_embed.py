@@ -42,18 +42,24 @@ def embed(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Read class labels from DATA when it has them."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Head count of a raw ViT of unusual width."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Input normalisation: leukolab or imagenet "
+                                       "(default: the model's; imagenet for converted/external weights)."),
+    random_init: bool = typer.Option(False, "--random-init", help="MODEL's architecture with random weights "
+                                     "(the floor for a pretrained backbone)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """One embedding per image (with path, label, source) into a features file for probe / viz."""
     from leukolab.pipelines.embed import embed_dataset
 
     path, fs, meta = embed_dataset(model, list(data), out, pool=pool, img_size=img_size, batch_size=batch_size,
-                                   device=device, show_progress=progress, labels=labels, num_heads=num_heads)
+                                   device=device, show_progress=progress, labels=labels, num_heads=num_heads,
+                                   random_init=random_init, seed=seed, norm=norm)
     for note in meta["notes"]:
         typer.echo(f"note: {note}", err=True)
     labelled = f"{len(fs.classes)} classes" if fs.labels is not None else "unlabelled"
     typer.echo(f"wrote {path}: {len(fs)} rows x {fs.dim} dims ({labelled}; {meta['backbone']} at "
-               f"{meta['img_size']} px, pool {meta['pool']})")
+               f"{meta['img_size']} px, pool {meta['pool']}, {meta['normalisation']} normalisation)")
 
 
 @app.command()
@@ -149,11 +155,14 @@ def viz_attention(
     img_size: Optional[int] = typer.Option(None, "--img-size"),
     limit: int = typer.Option(16, "--limit", help="At most this many images."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads"),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Input normalisation: leukolab or imagenet "
+                                       "(default: the model's; imagenet for converted/external weights)."),
 ) -> None:
     """Last-block attention of the class and register tokens to the patches, per head and head mean."""
     from leukolab.pipelines.embed import attention_figures
 
-    written = attention_figures(model, list(images), out, img_size=img_size, limit=limit, num_heads=num_heads)
+    written = attention_figures(model, list(images), out, img_size=img_size, limit=limit, num_heads=num_heads,
+                                 norm=norm)
     typer.echo(f"wrote {len(written)} attention figure(s) to {out}")
 
 
@@ -167,10 +176,12 @@ def viz_pca(
     threshold: float = typer.Option(0.5, "--threshold", help="Foreground cut on the first component, in [0, 1)."),
     foreground: bool = typer.Option(True, "--foreground/--no-foreground", help="Remove the background."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads"),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Input normalisation: leukolab or imagenet "
+                                       "(default: the model's; imagenet for converted/external weights)."),
 ) -> None:
     """First 3 PCA components of the patch features (fitted over all images) as RGB, background removed."""
     from leukolab.pipelines.embed import pca_figure
 
     path = pca_figure(model, list(images), out, img_size=img_size, limit=limit,
-                      threshold=threshold if foreground else None, num_heads=num_heads)
+                      threshold=threshold if foreground else None, num_heads=num_heads, norm=norm)
     typer.echo(f"wrote {path}")

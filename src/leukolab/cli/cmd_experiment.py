@@ -27,6 +27,9 @@ def parse_pretrained(items: list[str]) -> dict[str, str]:
     return out
 
 
+DEFAULT_MIN_SAMPLES = 512
+
+
 @experiment_app.command("label-efficiency")
 def label_efficiency(
     data: Path = typer.Argument(..., help="Labelled data (ImageFolder tree, split folders or CSV)."),
@@ -41,6 +44,10 @@ def label_efficiency(
     lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
     linear_lr: float = typer.Option(1e-2, "--linear-lr", help="Linear-probe learning rate."),
     linear_probe: bool = typer.Option(True, "--linear-probe/--no-linear-probe"),
+    min_samples_per_epoch: Optional[int] = typer.Option(
+        None, "--min-samples-per-epoch",
+        help="Small label fractions repeat their images up to this many samples per epoch "
+             f"(default {DEFAULT_MIN_SAMPLES}; 0 = off)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of train options for every cell."),
 ) -> None:
     """From scratch vs each pretrained init, fine-tune and linear probe, at each label fraction and seed."""
@@ -59,8 +66,10 @@ def label_efficiency(
                 overrides.update({f"{section}.{k}": v for k, v in values.items()})
             else:
                 overrides[section] = values
+    overrides.setdefault("data.min_samples_per_epoch", DEFAULT_MIN_SAMPLES)
     for key, value in (("model.backbone", backbone), ("data.img_size", img_size), ("train.epochs", epochs),
-                       ("data.batch_size", batch_size), ("optim.lr", lr)):
+                       ("data.batch_size", batch_size), ("optim.lr", lr),
+                       ("data.min_samples_per_epoch", min_samples_per_epoch)):
         if value is not None:
             overrides[key] = value
     result = run_label_efficiency(data, out, parse_pretrained(pretrained), fr, seeds, overrides,

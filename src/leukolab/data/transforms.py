@@ -5,18 +5,36 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from leukolab.errors import LeukolabError
+
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: input normalisations by name: ``leukolab`` (every leukolab-trained model) and
+#: ``imagenet`` (released DINOv2 / DinoBloom / timm / HF ViTMAE weights)
+NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "leukolab": (MEAN, STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 
 
-def eval_transform(img_size: int) -> v2.Compose:
-    """Resize to ``img_size`` and normalise."""
+def check_normalisation(name: str) -> str:
+    """``name`` if it is a known normalisation, else a one-line error."""
+    if name not in NORMALISATIONS:
+        raise LeukolabError(f"normalisation {name!r} is unknown; expected one of {', '.join(NORMALISATIONS)}")
+    return name
+
+
+def eval_transform(img_size: int, norm: str = "leukolab") -> v2.Compose:
+    """Resize to ``img_size`` and normalise (``norm``: a key of :data:`NORMALISATIONS`)."""
+    mean, std = NORMALISATIONS[check_normalisation(norm)]
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize((img_size, img_size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(mean, std),
         ]
     )
 
@@ -39,8 +57,9 @@ def train_transform(img_size: int, augment: bool = True) -> v2.Compose:
     )
 
 
-def denormalise(x: torch.Tensor) -> torch.Tensor:
+def denormalise(x: torch.Tensor, norm: str = "leukolab") -> torch.Tensor:
     """Undo :func:`eval_transform`'s normalisation (values clipped to [0, 1])."""
-    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
+    m, s = NORMALISATIONS[check_normalisation(norm)]
+    mean = torch.tensor(m, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(s, device=x.device).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)

@@ -37,6 +37,8 @@ class Objective(nn.Module):
     #: name of the validation scalar used to pick ``best.pt`` and its direction
     monitor: str = "val_loss"
     monitor_mode: str = "min"
+    #: under DDP: True when some trainable parameters get no gradient in some steps
+    ddp_find_unused_parameters: bool = False
 
     def training_step(self, batch: Any) -> StepOutput:
         """Loss of one training batch (already on the right device)."""

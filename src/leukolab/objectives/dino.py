@@ -114,6 +114,7 @@ class DINOObjective(Objective):
 
     monitor = "val_loss"
     monitor_mode = "min"
+    ddp_find_unused_parameters = True  # the prototype layer gets no gradient while it is frozen
 
     def __init__(
         self,

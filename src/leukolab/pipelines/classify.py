@@ -26,6 +26,7 @@ from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.classifier import Classifier, build_classifier
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
+from leukolab.training import distributed
 from leukolab.training.loop import Trainer, TrainerConfig, pick_device
 from leukolab.utils.runs import dump_json, dump_yaml, new_run_dir, unique_child
 from leukolab.utils.seed import seed_everything, worker_init
@@ -54,12 +55,12 @@ def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
         if "train" not in parts:
             raise LeukolabError(f"{data_cfg['path']}: has splits {sorted(parts)} but no 'train'")
         train = parts["train"]
-        if "val" in parts:
-            val = parts["val"]
-        else:
-            idx = stratified_split(train.labels, data_cfg["val_fraction"], 0.0, seed)
-            train, val = train.subset(idx["train"]), train.subset(idx["val"])
-        test = parts.get("test", LabelledImages([], [], list(train.class_names)))
+        # a split the folder lacks is carved out of train/ (stratified, by seed)
+        idx = stratified_split(train.labels, 0.0 if "val" in parts else data_cfg["val_fraction"],
+                               0.0 if "test" in parts else data_cfg["test_fraction"], seed)
+        train, val, test = (
+            parts[s] if s in parts and s != "train" else train.subset(idx[s]) for s in ("train", "val", "test")
+        )
     names = list(train.class_names)
     for part in (val, test):
         part.class_names = names
@@ -79,15 +80,24 @@ def write_splits_csv(splits: Splits, path: Path) -> None:
 
 def make_loader(
     data: LabelledImages, class_names: list[str], img_size: int, batch_size: int, *, train: bool,
-    augment: bool = True, num_workers: int = 0, cache: bool = False, seed: int = 0,
+    augment: bool = True, num_workers: int = 0, cache: bool = False, seed: int = 0, min_samples: int = 0,
 ) -> DataLoader:
-    """A DataLoader over ``data`` (shuffled, augmented and seeded for training)."""
+    """A DataLoader over ``data`` (shuffled, augmented and seeded for training).
+
+    ``min_samples`` > ``len(data)`` makes a training epoch draw that many samples
+    (whole reshuffled passes over the data, then a partial one), so that a run on a
+    small label fraction still takes a useful number of optimiser steps per epoch.
+    Under torchrun each rank reads its own shard instead (``min_samples`` unused).
+    """
     tf = train_transform(img_size, augment) if train else eval_transform(img_size)
     ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache)
     g = torch.Generator()
     g.manual_seed(seed)
+    sampler = distributed.train_sampler(ds, seed, g, min_samples) if train else None
+    n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
+        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train and n > batch_size,
         num_workers=num_workers, worker_init_fn=worker_init, generator=g,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )
@@ -160,6 +170,7 @@ def train_classifier(
             adopt_init_architecture(cfg)
     seed = int(cfg["seed"])
     seed_everything(seed)
+    distributed.init_distributed(cfg["train"]["device"])
     splits = make_splits(cfg["data"], seed)
     model = build_model(cfg, len(splits.class_names))  # bad backbone/init fails before the slower image check
     if cfg["data"]["check_images"] and resume is None:
@@ -175,13 +186,16 @@ def train_classifier(
         if out is None:
             raise LeukolabError("no --out folder given for the run")
         frac = cfg["data"]["label_fraction"]
-        run_dir = new_run_dir(out, name or f"{cfg['model']['backbone']}-f{frac:g}-s{seed}")
-        dump_yaml(cfg, run_dir / "config.yaml")
-        write_splits_csv(splits, run_dir / "splits.csv")
+        run_dir = distributed.shared_run_dir(
+            lambda: new_run_dir(out, name or f"{cfg['model']['backbone']}-f{frac:g}-s{seed}"))
+        if distributed.is_main():
+            dump_yaml(cfg, run_dir / "config.yaml")
+            write_splits_csv(splits, run_dir / "splits.csv")
     d = cfg["data"]
     loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=seed)
     train_loader = make_loader(
-        splits.train, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"], **loader_kw
+        splits.train, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"],
+        min_samples=int(d.get("min_samples_per_epoch") or 0), **loader_kw,
     )
     val_loader = (
         make_loader(splits.val, splits.class_names, d["img_size"], d["batch_size"] * 2, train=False, **loader_kw)
@@ -192,7 +206,8 @@ def train_classifier(
         trainer.resume(run_dir / "last.pt")
     trainer.fit(train_loader, val_loader)
     # drawn from history.csv, so re-drawing it after a resume loses nothing
-    plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
+    if distributed.is_main():
+        plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
     return run_dir
 
 

@@ -17,8 +17,10 @@ backbone, whatever it is:
 :func:`embed_dataset` writes one row per image: the class token (``cls``),
 the mean of the patch tokens (``mean``) or both concatenated (``both``) of a
 ViT's final, normalised tokens; other backbones give their pooled features.
-Images are prepared with :func:`leukolab.data.transforms.eval_transform`, the
-normalisation every leukolab model is trained with.
+Images are prepared with :func:`leukolab.data.transforms.eval_transform`:
+resized, then normalised the way the model was trained -- leukolab's own
+statistics for leukolab checkpoints, ImageNet's for converted or raw external
+weights (DINOv2 / DinoBloom); ``norm`` overrides it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from leukolab.data.dataset import ImageDataset, load_rgb
 from leukolab.data.readers import RESERVED_DIRS, expand_image_inputs, is_image_file, list_images, read_labelled
-from leukolab.data.transforms import eval_transform
+from leukolab.data.transforms import check_normalisation, eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
 from leukolab.models.backbones import create_backbone, is_vit
@@ -96,7 +98,7 @@ def _check_patch_multiple(model: nn.Module, img_size: int, where: str) -> None:
 
 
 def load_model_for_embedding(
-    model: Path | str, img_size: int | None = None, *, num_heads: int | None = None
+    model: Path | str, img_size: int | None = None, *, num_heads: int | None = None, norm: str | None = None
 ) -> tuple[nn.Module, int, dict[str, Any]]:
     """A headless backbone in eval mode, the image size to feed it, and what was loaded.
 
@@ -107,13 +109,15 @@ def load_model_for_embedding(
             a multiple of the patch size.
         num_heads: head count of a raw ViT checkpoint (only needed for
             non-standard widths).
+        norm: input normalisation (``leukolab`` or ``imagenet``); default the
+            checkpoint's (``imagenet`` for converted and raw external weights).
 
     Returns:
         ``(backbone, img_size, meta)`` with ``meta`` holding ``kind`` (the
         checkpoint's ``task``, e.g. ``classification``; ``pretrain`` when a
         pretraining checkpoint names none; ``run`` for other leukolab
         checkpoints; ``converted`` or ``raw``),
-        ``checkpoint``, ``backbone``, ``img_size``, ``vit`` and ``notes``.
+        ``checkpoint``, ``backbone``, ``img_size``, ``vit``, ``normalisation`` and ``notes``.
 
     Raises:
         LeukolabError: missing or unreadable file, unknown layout, weights
@@ -176,7 +180,11 @@ def load_model_for_embedding(
         "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 0) or 0) if is_vit(backbone) else 0,
         "num_reg_tokens": int(getattr(backbone, "num_reg_tokens", 0) or 0) if is_vit(backbone) else 0,
         "notes": notes,
+        # how the weights expect their inputs: external (converted / raw) weights come from ImageNet training
+        "normalisation": obj.get("normalisation") or ("leukolab" if kind not in ("converted", "raw") else "imagenet"),
     }
+    if norm is not None:
+        meta["normalisation"] = check_normalisation(norm)
     return backbone, size, meta
 
 
@@ -252,9 +260,9 @@ def collect_images(data: Path | str, labels: bool = True) -> tuple[list[Path], l
     return paths, label_list, pd.DataFrame(extra)
 
 
-def load_image_batch(paths: Sequence[Path], img_size: int) -> torch.Tensor:
+def load_image_batch(paths: Sequence[Path], img_size: int, norm: str = "leukolab") -> torch.Tensor:
     """``(B, 3, img_size, img_size)`` model inputs of ``paths`` (normalised like training)."""
-    tf = eval_transform(img_size)
+    tf = eval_transform(img_size, norm)
     return torch.stack([tf(load_rgb(Path(p))) for p in paths])
 
 
@@ -298,13 +306,14 @@ def embed_paths(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     show_progress: bool = True,
+    norm: str = "leukolab",
 ) -> np.ndarray:
     """``(N, D)`` float32 embeddings of image files, in order (see :func:`pool_features`)."""
     if batch_size < 1:
         raise LeukolabError(f"--batch-size {batch_size} must be at least 1")
     device = torch.device(device)
     model = model.to(device).eval()
-    loader = DataLoader(ImageDataset(list(paths), None, eval_transform(img_size)), batch_size=batch_size)
+    loader = DataLoader(ImageDataset(list(paths), None, eval_transform(img_size, norm)), batch_size=batch_size)
     chunks = []
     for x, _ in progress_bar(loader, desc="embedding", enable=show_progress, total=len(loader)):
         chunks.append(pool_features(model, x.to(device), pool).float().cpu().numpy())
@@ -323,6 +332,17 @@ def check_features_out(out: Path) -> Path:
     return out
 
 
+def reinitialise(backbone: nn.Module, seed: int = 0) -> None:
+    """Replace every weight of ``backbone`` by its architecture's own random initialisation."""
+    torch.manual_seed(seed)
+    if callable(getattr(backbone, "init_weights", None)):  # timm ViTs: pos-embed, tokens and blocks
+        backbone.init_weights()
+        return
+    for module in backbone.modules():
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+
+
 def embed_dataset(
     model: Path | str,
     data: Sequence[Path | str] | Path | str,
@@ -334,8 +354,15 @@ def embed_dataset(
     show_progress: bool = True,
     labels: bool = True,
     num_heads: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    norm: str | None = None,
 ) -> tuple[Path, FeatureSet, dict[str, Any]]:
     """Embed every image of one or more data sets and write a features file.
+
+    ``random_init`` keeps the model's architecture but replaces its weights by a
+    fresh random initialisation (seeded by ``seed``): the floor a pretrained
+    backbone must clear in ``probe``.
 
     Paths are stored absolute. Returns ``(out, features, meta)``; ``meta`` is that of
     :func:`load_model_for_embedding` plus ``pool``. When some data set has
@@ -364,10 +391,15 @@ def embed_dataset(
     extra = pd.concat(extras, ignore_index=True)
     if "split" in extra.columns:
         extra["split"] = extra["split"].fillna("all")
-    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads, norm=norm)
+    if random_init:
+        reinitialise(backbone, seed)
+        meta["backbone"] += " (random init)"
+        meta["notes"].append(f"weights of {meta['checkpoint']} replaced by a random initialisation (seed {seed})")
     if not meta["vit"] and pool != "cls":
         meta["notes"].append(f"--pool {pool} ignored: {meta['backbone']} is not a ViT, its pooled features are used")
-    feats = embed_paths(backbone, all_paths, size, pool, batch_size, pick_device(device), show_progress)
+    feats = embed_paths(backbone, all_paths, size, pool, batch_size, pick_device(device), show_progress,
+                        meta["normalisation"])
     fs = FeatureSet(feats, [str(p.resolve()) for p in all_paths], all_labels, extra)
     save_features(fs, out)
     meta["pool"] = pool if meta["vit"] else "pooled"
@@ -477,6 +509,7 @@ def attention_figures(
     limit: int | None = 16,
     batch_size: int = 8,
     num_heads: int | None = None,
+    norm: str | None = None,
 ) -> list[Path]:
     """One attention grid PNG per image in ``out_dir`` (see :func:`leukolab.evaluation.attention.attention_maps`)."""
     from leukolab.data.transforms import denormalise
@@ -490,18 +523,18 @@ def attention_figures(
     taken = [t for t in targets if t.exists()]
     if taken:
         raise LeukolabError(f"{taken[0]} already exists; refusing to overwrite it (choose another --out folder)")
-    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads, norm=norm)
     _require_vit_meta(meta, "attention maps")
     names = prefix_token_names(backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        x = load_image_batch(chunk, size)
+        x = load_image_batch(chunk, size, meta["normalisation"])
         maps = attention_maps(backbone, x)
         for i, p in enumerate(chunk):
             target = targets[start + i]
-            plot_attention_grid(denormalise(x[i]), maps[i], target, names,
+            plot_attention_grid(denormalise(x[i], meta["normalisation"]), maps[i], target, names,
                                 title=f"{p.name}: last-block attention to patches (bracket: share on patches)")
             written.append(target)
     return written
@@ -516,6 +549,7 @@ def pca_figure(
     threshold: float | None = 0.5,
     batch_size: int = 8,
     num_heads: int | None = None,
+    norm: str | None = None,
 ) -> Path:
     """One grid PNG: each image next to the first 3 PCA components of its patch features as RGB."""
     from leukolab.data.transforms import denormalise
@@ -529,13 +563,13 @@ def pca_figure(
     if threshold is not None and not 0.0 <= threshold < 1.0:
         raise LeukolabError(f"--threshold {threshold}: expected a value in [0, 1)")
     paths = expand_image_inputs(images, limit)
-    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads)
+    backbone, size, meta = load_model_for_embedding(model, img_size, num_heads=num_heads, norm=norm)
     _require_vit_meta(meta, "PCA of patch features")
     feats, shown = [], []
     for start in range(0, len(paths), batch_size):
-        x = load_image_batch(paths[start : start + batch_size], size)
+        x = load_image_batch(paths[start : start + batch_size], size, meta["normalisation"])
         feats.append(patch_features(backbone, x))
-        shown += [denormalise(img) for img in x]
+        shown += [denormalise(img, meta["normalisation"]) for img in x]
     rgb, _ = pca_rgb(torch.cat(feats), threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_pca_grid(shown, rgb, out, [p.name for p in paths])

@@ -19,7 +19,6 @@ can be built with the matching architecture before
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from leukolab.models.weights import read_checkpoint
 from leukolab.objectives.base import Objective
 from leukolab.objectives.dino import DINOObjective
 from leukolab.objectives.mae import MAEObjective
+from leukolab.training import distributed
 from leukolab.training.loop import Trainer, TrainerConfig
 from leukolab.utils.runs import dump_yaml, new_run_dir
 from leukolab.utils.seed import seed_everything, worker_init
@@ -126,8 +126,11 @@ def make_loader(paths: list[Path], transform: Any, batch_size: int, *, train: bo
     ds = ImageDataset(paths, None, transform, cache=cache)
     g = torch.Generator()
     g.manual_seed(seed)
+    sampler = distributed.train_sampler(ds, seed, g) if train else None
+    n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
+        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train and n > batch_size,
         num_workers=num_workers, worker_init_fn=worker_init, generator=g,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )
@@ -215,7 +218,7 @@ def backbone_spec(ckpt_path: Path | str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- run
 def _effective_lr(cfg: dict[str, Any]) -> float:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size()
     o = cfg["optim"]
     return float(o["base_lr"]) * int(cfg["data"]["batch_size"]) * int(o["grad_accum"]) * world / 256
 
@@ -266,6 +269,7 @@ def pretrain(
     cfg = _load_config(config_file, overrides, Path(resume) if resume is not None else None)
     seed = int(cfg["seed"])
     seed_everything(seed)
+    distributed.init_distributed(cfg["train"]["device"])
     d = cfg["data"]
     if int(d["batch_size"]) < 1:
         raise LeukolabError(f"batch size {d['batch_size']} must be >= 1")
@@ -277,11 +281,13 @@ def pretrain(
     if resume is None:
         if out is None:
             raise LeukolabError("no --out folder given for the run")
-        run_dir = new_run_dir(out, name or f"{cfg['method']}-{cfg['model']['backbone']}-s{seed}")
-        dump_yaml(cfg, run_dir / "config.yaml")
-        rows = ([(str(p), "train") for p in train_paths] + [(str(p), "val") for p in val_paths]
-                + [(str(p), "ignored") for p in ignored])
-        pd.DataFrame(rows, columns=["path", "split"]).to_csv(run_dir / "splits.csv", index=False)
+        run_dir = distributed.shared_run_dir(
+            lambda: new_run_dir(out, name or f"{cfg['method']}-{cfg['model']['backbone']}-s{seed}"))
+        if distributed.is_main():
+            dump_yaml(cfg, run_dir / "config.yaml")
+            rows = ([(str(p), "train") for p in train_paths] + [(str(p), "val") for p in val_paths]
+                    + [(str(p), "ignored") for p in ignored])
+            pd.DataFrame(rows, columns=["path", "split"]).to_csv(run_dir / "splits.csv", index=False)
     else:
         run_dir = Path(resume)
     img_size, bs = int(d["img_size"]), int(d["batch_size"])
@@ -300,5 +306,6 @@ def pretrain(
     if resume is not None:
         trainer.resume(run_dir / "last.pt")
     trainer.fit(train_loader, val_loader)
-    plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
+    if distributed.is_main():
+        plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
     return run_dir

@@ -6,9 +6,10 @@ autocast on CUDA (never on CPU, where bf16 is ~80x slower), best-by-validation
 and last checkpoints, keep-last-N per-epoch checkpoints, exact resume, a
 ``history.csv`` per epoch and a tqdm progress bar.
 
-Multi-GPU runs use ``torchrun`` + DDP: when ``WORLD_SIZE`` > 1 the objective is
-wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` and only rank 0
-writes files.
+Multi-GPU runs use ``torchrun`` + DDP: when ``WORLD_SIZE`` > 1 the process joins
+the group (:mod:`leukolab.training.distributed`), every training step goes
+through :class:`~torch.nn.parallel.DistributedDataParallel` (which averages the
+gradients over the ranks) and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from leukolab.errors import LeukolabError
-from leukolab.objectives.base import Objective
+from leukolab.objectives.base import Objective, StepOutput
+from leukolab.training import distributed
 from leukolab.training.schedule import warmup_cosine
 from leukolab.utils.progress import progress
 
@@ -59,7 +61,9 @@ class TrainerConfig:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``cuda`` when available for ``auto``, else the named device."""
+    """``cuda`` when available for ``auto``, else the named device (under torchrun: this rank's GPU)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -78,6 +82,19 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+class _Step(nn.Module):
+    """What DDP wraps: its forward is the objective's training step (so DDP sees every step)."""
+
+    def __init__(self, objective: Objective) -> None:
+        super().__init__()
+        self.objective = objective
+        self.last: StepOutput | None = None
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        self.last = self.objective.training_step(batch)
+        return self.last.loss
+
+
 class Trainer:
     """Runs an :class:`Objective` for a number of epochs, writing into ``run_dir``."""
 
@@ -89,14 +106,16 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.meta = meta or {}
+        distributed.init_distributed(config.device)
+        self.world_size = distributed.world_size()
+        self.rank = distributed.rank()
         self.device = pick_device(config.device)
         self.objective = objective.to(self.device)
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.model: nn.Module = self.objective
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if self.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(
+                _Step(self.objective), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=objective.ddp_find_unused_parameters,
             )
         self.optimizer = torch.optim.AdamW(self.objective.parameter_groups(config.weight_decay), lr=config.lr)
         self.amp_dtype = self._amp_dtype(config.amp)
@@ -156,6 +175,7 @@ class Trainer:
             self.epoch += 1
             if self.is_main:
                 self._end_epoch(row)
+        distributed.barrier()
         return self.history
 
     _pending_scheduler_state: dict[str, Any] | None = None
@@ -182,8 +202,12 @@ class Trainer:
         for i, batch in enumerate(bar):
             batch = move_to(batch, self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = (self.model.module if self.world_size > 1 else self.model).training_step(batch)  # type: ignore[union-attr]
-            loss = out.loss
+                if self.ddp is not None:
+                    loss = self.ddp(batch)  # DDP averages the gradients of this loss over the ranks
+                    out = self.ddp.module.last
+                else:
+                    out = self.objective.training_step(batch)
+                    loss = out.loss
             if not torch.isfinite(loss):
                 raise LeukolabError(
                     f"loss became {loss.item()} at epoch {self.epoch + 1}, step {i + 1}; "

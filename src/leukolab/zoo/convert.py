@@ -863,6 +863,7 @@ def convert_checkpoint(
         "backbone_config": config,
         "source": str(src),
         "format": fmt,
+        "normalisation": "imagenet",  # DINOv2 / DinoBloom, timm and HF ViTMAE weights are trained on ImageNet stats
     }
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
