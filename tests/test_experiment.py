@@ -57,3 +57,45 @@ def test_a_changed_setup_is_refused(tiny_run: Path, wbc_small: Path, tmp_path: P
         experiment.run_label_efficiency(wbc_small, tmp_path / "x", {"pre": "/nope"}, (1.0,), 1)
     with pytest.raises(LeukolabError, match="outside"):
         experiment.run_label_efficiency(wbc_small, tmp_path / "x", {}, (0.0,), 1)
+
+
+def test_a_new_init_is_added_without_redoing_finished_cells(
+    tiny_run: Path, wbc_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {"train.epochs": 1, "data.batch_size": 16, "optim.warmup_epochs": 0}
+    out = tmp_path / "exp"
+    experiment.run_label_efficiency(wbc_small, out, {"pre": str(tiny_run)}, (0.5,), 1, over,
+                                    linear_probe=False, log=lambda _: None)
+    calls: list[str] = []
+    real_train = experiment.train_classifier
+
+    def counting_train(*args: object, **kwargs: object) -> Path:
+        calls.append(str(kwargs.get("name")))
+        return real_train(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "train_classifier", counting_train)
+    logs: list[str] = []
+    experiment.run_label_efficiency(wbc_small, out, {"pre2": str(tiny_run), "pre": str(tiny_run)}, (0.5,), 1,
+                                    over, linear_probe=False, log=logs.append)
+    assert calls == ["pre2-finetune-f0.5-s0"]  # scratch and pre were done already
+    assert any("adding pre2" in m for m in logs)
+    assert list(experiment.read_yaml(out / "experiment.yaml")["pretrained"]) == ["pre", "pre2"]
+    assert set(pd.read_csv(out / "label_efficiency.csv")["init"]) == {"scratch", "pre", "pre2"}
+    # anything else changed is still refused
+    with pytest.raises(LeukolabError, match="different setup"):
+        experiment.run_label_efficiency(wbc_small, out, {"pre": str(tiny_run)}, (0.1,), 1, over,
+                                        linear_probe=False, log=lambda _: None)
+
+
+def test_collapsed_cells_are_flagged_and_rows_with_new_columns_are_kept(tmp_path: Path) -> None:
+    rows = [{"init": i, "mode": "finetune", "fraction": 0.01, "seed": s, "balanced_accuracy": b,
+             "f1_macro": b, "accuracy": b, "n_predicted_classes": k}
+            for i, s, b, k in (("scratch", 0, 0.2, 1), ("scratch", 1, 0.3, 5), ("mae", 0, 0.6, 5))]
+    path = tmp_path / "r.csv"
+    experiment.append_row(path, rows[0])
+    for row in rows[1:]:
+        experiment.append_row(path, {**row, "n_classes": 5})  # a newer cell records the class count
+    results = pd.read_csv(path)
+    assert len(results) == 3 and results["n_classes"].isna().sum() == 1
+    md = experiment.to_markdown(experiment.summarise(results))
+    assert "⚠ 1/5 classes" in md.splitlines()[2] and "⚠" not in md.splitlines()[3]

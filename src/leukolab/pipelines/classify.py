@@ -319,5 +319,9 @@ def dataset_stats(data: Path | str, fractions: tuple[float, ...] = (0.5, 0.1, 0.
 def metrics_summary(metrics_path: Path) -> str:
     """A one-line summary of a metrics.json file."""
     m = json.loads(Path(metrics_path).read_text())
-    return (f"accuracy {m['accuracy']:.3f} | balanced accuracy {m['balanced_accuracy']:.3f} | "
+    line = (f"accuracy {m['accuracy']:.3f} | balanced accuracy {m['balanced_accuracy']:.3f} | "
             f"macro F1 {m['f1_macro']:.3f} | n={m['n']}")
+    n_classes = len(m.get("class_names", []))
+    if m.get("n_predicted_classes", n_classes) < n_classes:
+        line += f" | WARNING: predicts only {m['n_predicted_classes']} of {n_classes} classes"
+    return line

@@ -25,7 +25,7 @@ from leukolab.data.splits import check_fraction
 from leukolab.errors import LeukolabError
 from leukolab.models.weights import checkpoint_backbone_spec
 from leukolab.pipelines.classify import evaluate_run, train_classifier
-from leukolab.utils.runs import write_new
+from leukolab.utils.runs import replace_file, write_new
 
 RESULTS = "label_efficiency.csv"
 METRICS = ("balanced_accuracy", "f1_macro", "accuracy")
@@ -43,6 +43,16 @@ def plan_cells(
                 for s in seeds:
                     cells.append({"init": name, "init_path": path, "mode": mode, "fraction": f, "seed": s})
     return cells
+
+
+def added_inits(saved: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Names of pretrained inits ``want`` adds to the ``saved`` setup; empty when it changes anything else."""
+    same_rest = {k: v for k, v in saved.items() if k != "pretrained"} == {
+        k: v for k, v in want.items() if k != "pretrained"}
+    old, new = saved.get("pretrained") or {}, want.get("pretrained") or {}
+    if not same_rest or any(new.get(k) != v for k, v in old.items()):
+        return []
+    return [k for k in new if k not in old]
 
 
 def cell_key(cell: dict[str, Any]) -> str:
@@ -78,9 +88,17 @@ def run_label_efficiency(
     }
     if (out / "experiment.yaml").is_file():
         saved = read_yaml(out / "experiment.yaml")
-        if saved != json.loads(json.dumps(spec)):
-            raise LeukolabError(f"{out} holds an experiment with a different setup; use a new --out folder")
-        log(f"resuming the experiment in {out}")
+        want = json.loads(json.dumps(spec))
+        if saved != want:
+            added = added_inits(saved, want)
+            if not added:
+                raise LeukolabError(f"{out} holds an experiment with a different setup; use a new --out folder")
+            # the inits already there keep their place (the first one fixes the architecture)
+            spec["pretrained"] = {**saved["pretrained"], **{k: want["pretrained"][k] for k in added}}
+            replace_file(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+            log(f"adding {', '.join(added)} to the experiment in {out}; finished cells are kept")
+        else:
+            log(f"resuming the experiment in {out}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_new(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
@@ -116,10 +134,24 @@ def run_label_efficiency(
         row = {k: v for k, v in cell.items() if k != "init_path"}
         row.update({k: m[k] for k in METRICS})
         row["n_predicted_classes"] = m["n_predicted_classes"]
+        row["n_classes"] = len(m["class_names"])
         row["run"] = str(run_dir)
-        pd.DataFrame([row]).to_csv(results_path, mode="a", header=not results_path.is_file(), index=False)
+        append_row(results_path, row)
     write_summary(out)
     return out
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Add a finished cell to the results CSV (rewritten atomically when the row brings a new column)."""
+    if not path.is_file():
+        replace_file(path, pd.DataFrame([row]).to_csv(index=False))
+        return
+    header = pd.read_csv(path, nrows=0).columns.tolist()
+    if set(row) <= set(header):
+        pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
+    else:  # a newer leukolab records more per cell: keep every earlier row, add the column
+        merged = pd.concat([pd.read_csv(path), pd.DataFrame([row])], ignore_index=True)
+        replace_file(path, merged.to_csv(index=False))
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -128,6 +160,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     out = g[list(METRICS)].agg(["mean", "std"]).reset_index()
     out.columns = ["_".join(c).strip("_") for c in out.columns]
     out["n_seeds"] = g.size().values
+    # a model that predicts fewer classes than exist has (partly) collapsed: flagged in the table
+    out["min_predicted_classes"] = g["n_predicted_classes"].min().values
+    out["n_classes"] = g["n_classes"].max().values if "n_classes" in results else float("nan")
     return out
 
 
@@ -136,6 +171,7 @@ def to_markdown(summary: pd.DataFrame) -> str:
     fractions = sorted(summary["fraction"].unique(), reverse=True)
     lines = ["| init | mode | " + " | ".join(f"{f:g} labels: bal. acc / macro F1" for f in fractions) + " |",
              "|---|---|" + "---:|" * len(fractions)]
+    flagged = False
     for (init, mode), part in summary.groupby(["init", "mode"], sort=False):
         cells = []
         for f in fractions:
@@ -146,8 +182,15 @@ def to_markdown(summary: pd.DataFrame) -> str:
             r = r.iloc[0]
             sd_b = 0.0 if pd.isna(r["balanced_accuracy_std"]) else r["balanced_accuracy_std"]
             sd_f = 0.0 if pd.isna(r["f1_macro_std"]) else r["f1_macro_std"]
-            cells.append(f"{r['balanced_accuracy_mean']:.3f} ± {sd_b:.3f} / {r['f1_macro_mean']:.3f} ± {sd_f:.3f}")
+            cell = f"{r['balanced_accuracy_mean']:.3f} ± {sd_b:.3f} / {r['f1_macro_mean']:.3f} ± {sd_f:.3f}"
+            if r.get("min_predicted_classes", 0) < r.get("n_classes", 0):  # NaN-safe: False when unknown
+                cell += f" ⚠ {int(r['min_predicted_classes'])}/{int(r['n_classes'])} classes"
+                flagged = True
+            cells.append(cell)
         lines.append(f"| {init} | {mode} | " + " | ".join(cells) + " |")
+    if flagged:
+        lines.append("")
+        lines.append("⚠ k/N classes: in some seed the model predicted only k of the N classes (collapse).")
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -50,6 +51,15 @@ def write_new(path: Path, text: str) -> Path:
             f.write(text)
     except FileExistsError:
         raise LeukolabError(f"{path} already exists; refusing to overwrite it") from None
+    return path
+
+
+def replace_file(path: Path, text: str) -> Path:
+    """Atomically replace ``path`` with ``text`` (a reader sees the old or the new file, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
