@@ -103,3 +103,27 @@ def test_min_samples_per_epoch_repeats_a_small_labelled_set(wbc_small: Path) -> 
     ds = loader.dataset
     idx = list(loader.sampler)
     assert Counter(idx) == Counter({i: 4 for i in range(len(ds))})
+
+
+def test_layer_decay_gives_deeper_vit_blocks_larger_learning_rates(tmp_path: Path) -> None:
+    from leukolab.errors import LeukolabError
+    from leukolab.models.classifier import build_classifier
+    from leukolab.objectives.classification import ClassificationObjective
+    from leukolab.training.loop import TrainerConfig
+
+    model = build_classifier({"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 3}, "head": "linear",
+                              "drop_path": 0.0}, 32, 3)
+    objective = ClassificationObjective(model, ["a", "b", "c"], layer_decay=0.5)
+    trainer = Trainer(objective, TrainerConfig(lr=1e-3, progress=False), tmp_path)
+    lr_of = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for p in objective.parameters() if p.requires_grad)  # every parameter, once
+    bb = model.backbone
+    stem, b0, b2 = (lr_of[id(p)] for p in (bb.patch_embed.proj.weight, bb.blocks[0].attn.qkv.weight,
+                                           bb.blocks[2].attn.qkv.weight))
+    # timm's grouping: stem, block 0, block 1, then block 2 with the final norm at the full rate
+    assert stem < b0 < b2 == pytest.approx(1e-3)
+    assert b0 / stem == pytest.approx(2.0) and b2 / b0 == pytest.approx(4.0)
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in model.head.parameters())
+    assert trainer.current_lr() == pytest.approx(1e-3)
+    with pytest.raises(LeukolabError, match="layer decay"):
+        ClassificationObjective(model, ["a", "b", "c"], layer_decay=1.5)

@@ -22,6 +22,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay",
+                                                help="Layer-wise lr decay over a ViT backbone, (0, 1]; 1 = off."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
     label_fraction: Optional[float] = typer.Option(None, "--label-fraction", help="Share of training labels, (0, 1]."),
     min_samples_per_epoch: Optional[int] = typer.Option(
@@ -47,6 +49,7 @@ def train(
         "data.min_samples_per_epoch": min_samples_per_epoch,
         "model.backbone": backbone, "model.init": str(init) if init is not None else None, "model.head": head,
         "model.freeze_backbone": freeze_backbone, "optim.lr": lr, "optim.weight_decay": weight_decay,
+        "optim.layer_decay": layer_decay,
         "optim.grad_accum": grad_accum, "optim.class_weights": class_weights, "train.epochs": epochs,
         "train.device": device, "train.keep_last": keep_last, "seed": seed,
     }

@@ -44,6 +44,9 @@ def label_efficiency(
     lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate."),
     linear_lr: float = typer.Option(1e-2, "--linear-lr", help="Linear-probe learning rate."),
     linear_probe: bool = typer.Option(True, "--linear-probe/--no-linear-probe"),
+    finetune_layer_decay: float = typer.Option(
+        0.75, "--finetune-layer-decay",
+        help="Layer-wise lr decay when fine-tuning a pretrained ViT (MAE recipe); 1 = off. Scratch runs never use it."),
     min_samples_per_epoch: Optional[int] = typer.Option(
         None, "--min-samples-per-epoch",
         help="Small label fractions repeat their images up to this many samples per epoch "
@@ -73,6 +76,7 @@ def label_efficiency(
         if value is not None:
             overrides[key] = value
     result = run_label_efficiency(data, out, parse_pretrained(pretrained), fr, seeds, overrides,
-                                  linear_probe=linear_probe, linear_lr=linear_lr, log=typer.echo)
+                                  linear_probe=linear_probe, linear_lr=linear_lr, log=typer.echo,
+                                  finetune_layer_decay=finetune_layer_decay)
     typer.echo((result / "label_efficiency.md").read_text())
     typer.echo(f"wrote {result}/label_efficiency.csv, label_efficiency.md, label_efficiency.png")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from leukolab.errors import LeukolabError
 from leukolab.evaluation.metrics import classification_metrics
 from leukolab.objectives.base import Objective, StepOutput
 from leukolab.registry import OBJECTIVES
@@ -28,13 +29,38 @@ class ClassificationObjective(Objective):
         class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         extras: dict[str, Any] | None = None,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 < layer_decay <= 1.0:
+            raise LeukolabError(f"layer decay {layer_decay} is outside (0, 1]; expected e.g. 0.75 (1 = off)")
+        self.layer_decay = float(layer_decay)
         self.model = model
         self.class_names = list(class_names)
         self.register_buffer("class_weights", class_weights if class_weights is not None else None, persistent=False)
         self.label_smoothing = label_smoothing
         self.extras = extras or {}
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """With ``layer_decay`` < 1: layer-wise learning-rate decay over the backbone (timm's BEiT/MAE recipe).
+
+        Block ``i`` of ``L`` gets ``layer_decay ** (L - i)`` of the learning rate (the stem the least,
+        the head the full rate), as an ``lr_scale`` entry per group that the Trainer applies.
+        """
+        backbone = getattr(self.model, "backbone", None)
+        if self.layer_decay >= 1.0 or backbone is None:
+            return super().parameter_groups(weight_decay)
+        from timm.optim import param_groups_layer_decay
+
+        skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
+        groups = param_groups_layer_decay(backbone, weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=self.layer_decay)
+        rest = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
+        for decay in (True, False):
+            params = [p for n, p in rest if (p.ndim > 1 and not n.endswith(".bias")) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": 1.0})
+        return [g for g in groups if g["params"]]
 
     def training_step(self, batch: Any) -> StepOutput:
         x, y = batch

@@ -180,7 +180,7 @@ def train_classifier(
     weights = class_weights(splits.train.labels, splits.class_names) if cfg["optim"]["class_weights"] else None
     objective = ClassificationObjective(
         model, splits.class_names, weights, cfg["optim"]["label_smoothing"],
-        extras={"config": cfg, "task": "classification"},
+        extras={"config": cfg, "task": "classification"}, layer_decay=float(cfg["optim"].get("layer_decay", 1.0)),
     )
     if resume is None:
         if out is None:

@@ -70,6 +70,7 @@ def run_label_efficiency(
     linear_probe: bool = True,
     linear_lr: float = 1e-2,
     log: Callable[[str], None] = print,
+    finetune_layer_decay: float = 1.0,
 ) -> Path:
     """Run (or resume) the experiment into ``out``; returns ``out``."""
     fractions = [check_fraction(float(f)) for f in fractions]
@@ -86,6 +87,10 @@ def run_label_efficiency(
         "fractions": fractions, "seeds": seeds, "overrides": base_overrides or {}, "linear_probe": linear_probe,
         "linear_lr": linear_lr,
     }
+    if not 0.0 < finetune_layer_decay <= 1.0:
+        raise LeukolabError(f"--finetune-layer-decay {finetune_layer_decay} is outside (0, 1]; expected e.g. 0.75")
+    if finetune_layer_decay != 1.0:  # recorded only when used, so experiments from before it still resume
+        spec["finetune_layer_decay"] = finetune_layer_decay
     if (out / "experiment.yaml").is_file():
         saved = read_yaml(out / "experiment.yaml")
         want = json.loads(json.dumps(spec))
@@ -126,6 +131,8 @@ def run_label_efficiency(
         if cell["mode"] == "linear":
             overrides["optim.lr"] = linear_lr
             overrides["optim.weight_decay"] = 0.0
+        elif cell["init_path"] and finetune_layer_decay != 1.0:
+            overrides["optim.layer_decay"] = finetune_layer_decay  # the MAE/BEiT fine-tuning recipe
         log(f"[{i}/{len(todo)}] {cell_key(cell)}")
         run_dir = train_classifier(out / "runs", overrides=overrides,
                                    name=f"{cell['init']}-{cell['mode']}-f{cell['fraction']:g}-s{cell['seed']}")

@@ -117,7 +117,11 @@ class Trainer:
                 _Step(self.objective), device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=objective.ddp_find_unused_parameters,
             )
-        self.optimizer = torch.optim.AdamW(self.objective.parameter_groups(config.weight_decay), lr=config.lr)
+        groups = self.objective.parameter_groups(config.weight_decay)
+        for group in groups:  # layer-wise decay etc.: a group's rate is a share of the base rate
+            if "lr_scale" in group:
+                group["lr"] = config.lr * float(group.pop("lr_scale"))
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         self.amp_dtype = self._amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.history: list[dict[str, float]] = []
@@ -141,6 +145,10 @@ class Trainer:
         warmup = round(self.config.warmup_epochs * steps_per_epoch / self.config.grad_accum)
         self.scheduler = warmup_cosine(self.optimizer, min(warmup, total - 1), total, self.config.min_lr_ratio)
         self.total_steps = total
+
+    def current_lr(self) -> float:
+        """The base learning rate now (the largest of the groups' rates)."""
+        return max(float(g["lr"]) for g in self.optimizer.param_groups)
 
     @property
     def is_main(self) -> bool:
@@ -169,7 +177,7 @@ class Trainer:
             if val_loader is not None:
                 self.objective.eval()
                 row.update(self.objective.validate(val_loader, self.device))
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["lr"] = self.current_lr()
             row["epoch_time_s"] = time.perf_counter() - t0
             self.history.append(row)
             self.epoch += 1
@@ -225,7 +233,7 @@ class Trainer:
             for k, v in out.logs.items():
                 sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + float(v) * n
             if hasattr(bar, "set_postfix"):
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.current_lr()
                 bar.set_postfix(loss=f"{sums['train_loss'] / count:.4f}", lr=f"{lr:.2e}")
         return {k: v / max(1, count) for k, v in sums.items()}
 
