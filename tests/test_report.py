@@ -103,3 +103,16 @@ def test_markdown_to_html_escapes_and_builds_tables() -> None:
     assert "<h4>Title &lt;b&gt;</h4>" in out
     assert "<th>b | c</th>" in out and "<td>&lt;x&gt;</td>" in out
     assert "&amp; more" in out
+
+
+def test_an_experiment_figure_comes_before_its_cells_figures(tmp_path: Path) -> None:
+    from PIL import Image
+
+    exp = tmp_path / "exp"
+    for i in range(5):
+        (exp / "runs" / f"cell{i}").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(exp / "runs" / f"cell{i}" / "curves.png")
+    Image.new("RGB", (4, 4)).save(exp / "label_efficiency.png")
+    (exp / "label_efficiency.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
+    art = collect_run(exp, max_images=2)
+    assert [p.name for _, p in art.images] == ["label_efficiency.png", "curves.png"]

@@ -140,7 +140,10 @@ def collect_run(root: Path | str, max_depth: int = 3, max_images: int = 40) -> R
             # figures anywhere; other PNGs (image data, e.g. class folders) only at the run's top level
             if kind != "other figures" or f.parent == art.root:
                 images.append((order, kind, f))
-    images.sort(key=lambda t: (t[0], len(t[2].relative_to(art.root).parts), str(t[2])))
+    # the run's own figures (and its eval/ folder's) before those of runs nested in it, so that an
+    # experiment's label_efficiency.png is not crowded out by its cells' curves
+    images.sort(key=lambda t: (len(t[2].relative_to(art.root).parts) > 2, t[0], len(t[2].relative_to(art.root).parts),
+                               str(t[2])))
     art.images = [(kind, path) for _, kind, path in images[:max_images]]
     if art.is_empty():
         raise LeukolabError(
