@@ -102,3 +102,14 @@ def test_a_missing_test_split_is_carved_out_of_train(tmp_path: Path) -> None:
     assert len(s.test) == 6 and all("/train/" in str(p) for p in s.test.paths)
     assert not set(s.test.paths) & set(s.train.paths)
     assert len(s.train) == 34
+
+
+def test_large_images_are_shrunk_on_decoding(tmp_path: Path) -> None:
+    from leukolab.data.dataset import ImageDataset
+
+    Image.new("RGB", (360, 300), (200, 10, 10)).save(tmp_path / "big.png")
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(tmp_path / "small.png")
+    ds = ImageDataset([tmp_path / "big.png", tmp_path / "small.png"], cache=True, max_side=128)
+    assert ds.image(0).size == (128, 107) and ds.image(0).getpixel((5, 5)) == (200, 10, 10)
+    assert ds.image(1).size == (40, 40)  # never enlarged
+    assert ImageDataset([tmp_path / "big.png"]).image(0).size == (360, 300)

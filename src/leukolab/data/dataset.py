@@ -26,7 +26,10 @@ class ImageDataset(Dataset):
     """``(image_tensor, target)`` pairs; ``target`` is -1 for unlabelled images.
 
     With ``cache=True`` the decoded images are kept in memory after first use,
-    which removes decoding from every epoch after the first.
+    which removes decoding from every epoch after the first. ``max_side``
+    shrinks larger images on decoding (aspect kept, antialiased) -- e.g. twice
+    the training size -- so that every later crop and resize works on a small
+    image: on 360-px PBC cells and 64-px training this makes MAE steps ~2x faster.
     """
 
     def __init__(
@@ -35,8 +38,10 @@ class ImageDataset(Dataset):
         targets: Sequence[int] | None = None,
         transform: Callable[[Image.Image], Any] | None = None,
         cache: bool = False,
+        max_side: int | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
+        self.max_side = int(max_side) if max_side else None
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         if len(self.targets) != len(self.paths):
             raise ValueError("paths and targets differ in length")
@@ -49,12 +54,20 @@ class ImageDataset(Dataset):
     def image(self, i: int) -> Image.Image:
         """The decoded RGB image ``i`` (from the cache when enabled)."""
         if self._cache is None:
-            return load_rgb(self.paths[i])
+            return self._decode(i)
         arr = self._cache.get(i)
         if arr is None:
-            arr = np.asarray(load_rgb(self.paths[i]))
+            arr = np.asarray(self._decode(i))
             self._cache[i] = arr
         return Image.fromarray(arr)
+
+    def _decode(self, i: int) -> Image.Image:
+        img = load_rgb(self.paths[i])
+        if self.max_side and max(img.size) > self.max_side:
+            scale = self.max_side / max(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BILINEAR)  # PIL's downscaling filters antialias
+        return img
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img = self.image(i)

@@ -90,7 +90,7 @@ def make_loader(
     Under torchrun each rank reads its own shard instead (``min_samples`` unused).
     """
     tf = train_transform(img_size, augment) if train else eval_transform(img_size)
-    ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache)
+    ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache, max_side=2 * img_size)
     g = torch.Generator()
     g.manual_seed(seed)
     sampler = distributed.train_sampler(ds, seed, g, min_samples) if train else None

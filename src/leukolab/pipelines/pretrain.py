@@ -121,9 +121,9 @@ def multicrop_transform(cfg: dict[str, Any]) -> MultiCropTransform:
 
 
 def make_loader(paths: list[Path], transform: Any, batch_size: int, *, train: bool, num_workers: int = 0,
-                cache: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader of ``(transformed image, -1)`` over unlabelled ``paths``."""
-    ds = ImageDataset(paths, None, transform, cache=cache)
+                cache: bool = False, seed: int = 0, max_side: int | None = None) -> DataLoader:
+    """A DataLoader of ``(transformed image, -1)`` over unlabelled ``paths`` (shrunk to ``max_side`` on decoding)."""
+    ds = ImageDataset(paths, None, transform, cache=cache, max_side=max_side)
     g = torch.Generator()
     g.manual_seed(seed)
     sampler = distributed.train_sampler(ds, seed, g) if train else None
@@ -295,7 +295,8 @@ def pretrain(
         train_tf, val_tf = mae_transform(img_size), eval_transform(img_size)
     else:
         train_tf = val_tf = multicrop_transform(cfg)
-    loader_kw = dict(num_workers=int(d["num_workers"]), cache=bool(d["cache_images"]), seed=seed)
+    loader_kw = dict(num_workers=int(d["num_workers"]), cache=bool(d["cache_images"]), seed=seed,
+                     max_side=2 * img_size)
     train_loader = make_loader(train_paths, train_tf, bs, train=True, **loader_kw)
     val_loader = make_loader(val_paths, val_tf, bs, train=False, **loader_kw) if val_paths else None
     if isinstance(objective, MAEObjective):
