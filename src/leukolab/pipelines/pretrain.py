@@ -300,7 +300,8 @@ def pretrain(
     train_loader = make_loader(train_paths, train_tf, bs, train=True, **loader_kw)
     val_loader = make_loader(val_paths, val_tf, bs, train=False, **loader_kw) if val_paths else None
     if isinstance(objective, MAEObjective):
-        preview_paths = (val_paths or train_paths)[:8]
+        pool = val_paths or train_paths
+        preview_paths = pool[:: max(1, len(pool) // 8)][:8]  # spread over the pool (its folders are sorted)
         ds = ImageDataset(preview_paths, None, eval_transform(img_size))
         objective.set_preview(torch.stack([ds[i][0] for i in range(len(ds))]))
     trainer = Trainer(objective, trainer_config(cfg), run_dir, meta={"lr": _effective_lr(cfg)})
