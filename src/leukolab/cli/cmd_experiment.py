@@ -45,8 +45,9 @@ def label_efficiency(
     linear_lr: float = typer.Option(1e-2, "--linear-lr", help="Linear-probe learning rate."),
     linear_probe: bool = typer.Option(True, "--linear-probe/--no-linear-probe"),
     finetune_layer_decay: float = typer.Option(
-        0.75, "--finetune-layer-decay",
-        help="Layer-wise lr decay when fine-tuning a pretrained ViT (MAE recipe); 1 = off. Scratch runs never use it."),
+        1.0, "--finetune-layer-decay",
+        help="Layer-wise lr decay when fine-tuning a pretrained ViT (MAE recipe, e.g. 0.75); 1 = off. "
+             "Scratch runs never use it."),
     min_samples_per_epoch: Optional[int] = typer.Option(
         None, "--min-samples-per-epoch",
         help="Small label fractions repeat their images up to this many samples per epoch "
