@@ -327,3 +327,17 @@ def test_probe_errors_name_the_culprit() -> None:
         cross_validate_probes(fs, ks=(0,), progress=False)
     with pytest.raises(LeukolabError, match="temperature"):
         knn_predict(fs.features, np.zeros(len(fs), dtype=int), fs.features, k=1, temperature=0)
+
+
+def test_knn_standardise_stops_loud_noise_dimensions_from_drowning_the_signal() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    signal = 3 * np.eye(3)[y] + rng.normal(0, 0.2, (180, 3))
+    noise = rng.normal(0, 1.0, (180, 20)) * np.linspace(5, 10, 20)  # loud dimensions with no information
+    fs = FeatureSet(np.hstack([signal, noise]).astype(np.float32), [f"{i}.png" for i in range(180)],
+                    [str(v) for v in y])
+    plain = cross_validate_probes(fs, folds=3, seed=0, ks=(5,), progress=False)
+    scaled = cross_validate_probes(fs, folds=3, seed=0, ks=(5,), progress=False, knn_standardise=True)
+    acc = {name: r[r["method"] == "5-NN"]["balanced_accuracy"].mean() for name, r in (("plain", plain),
+                                                                                     ("scaled", scaled))}
+    assert acc["plain"] < 0.6 and acc["scaled"] > 0.95

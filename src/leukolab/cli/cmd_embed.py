@@ -74,13 +74,16 @@ def probe(
     out: Optional[Path] = typer.Option(None, "--out", help="New folder (default FEATS_stem-probe next to FEATS)."),
     k: str = typer.Option("1,20", "--k", help="Comma-separated k of the kNN probes."),
     n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Processes for the linear probe's C search."),
+    knn_standardise: bool = typer.Option(False, "--knn-standardise/--no-knn-standardise",
+                                         help="Z-score features (training-fold statistics) before the kNN probes."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Weighted kNN and linear probes; prints the table, writes probe.csv (per fold) and probe.md."""
     from leukolab.pipelines.embed import probe_features
 
     out_dir, table = probe_features(feats, folds=folds, seed=seed, train=train, test=test, out=out,
-                                    ks=_parse_ks(k), show_progress=progress, n_jobs=n_jobs)
+                                    ks=_parse_ks(k), show_progress=progress, n_jobs=n_jobs,
+                                    knn_standardise=knn_standardise)
     typer.echo(table, nl=False)
     typer.echo(f"wrote {out_dir}/probe.csv, probe.md")
 

@@ -131,6 +131,14 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def standardise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score both with the mean and std of ``train_x`` only (a few large dimensions then no
+    longer dominate the cosine similarity, which matters for MAE features)."""
+    mean = train_x.mean(axis=0, keepdims=True)
+    std = np.maximum(train_x.std(axis=0, keepdims=True), 1e-6)
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
 def knn_predict(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -334,13 +342,15 @@ def _run_probes(
     temperature: float,
     Cs: Sequence[float],
     n_jobs: int | None = None,
+    knn_standardise: bool = False,
 ) -> list[dict]:
     """All probes on one train/test split: one results row per method."""
     rows = []
+    knn_train, knn_test = (standardise(train_x, test_x) if knn_standardise else (train_x, test_x))
     base = {"fold": fold, "n_train": int(train_x.shape[0]), "n_test": int(test_x.shape[0])}
     for k in ks:
         t0 = time.perf_counter()
-        probs = knn_predict(train_x, train_y, test_x, k, temperature=temperature, n_classes=n_classes)
+        probs = knn_predict(knn_train, train_y, knn_test, k, temperature=temperature, n_classes=n_classes)
         metrics = probe_metrics(test_y, probs.argmax(axis=1), n_classes)
         rows.append(
             {
@@ -391,6 +401,7 @@ def cross_validate_probes(
     temperature: float = 0.07,
     Cs: Sequence[float] = DEFAULT_CS,
     n_jobs: int | None = None,
+    knn_standardise: bool = False,
 ) -> pd.DataFrame:
     """Stratified ``folds``-fold cross-validation of the kNN probes and the linear probe.
 
@@ -438,6 +449,7 @@ def cross_validate_probes(
             temperature,
             Cs,
             n_jobs,
+            knn_standardise,
         )
         rows.extend(fold_rows)
         if progress:
@@ -454,6 +466,7 @@ def evaluate_fixed_split(
     temperature: float = 0.07,
     Cs: Sequence[float] = DEFAULT_CS,
     n_jobs: int | None = None,
+    knn_standardise: bool = False,
 ) -> pd.DataFrame:
     """The probes fitted on ``train`` and scored on ``test``; same columns as
     :func:`cross_validate_probes`, with ``fold`` 0.
@@ -485,7 +498,8 @@ def evaluate_fixed_split(
     index = {c: i for i, c in enumerate(classes.tolist())}
     y_test = np.asarray([index[label] for label in test_labels], dtype=np.int64)
     rows = _run_probes(
-        train.features, y_train, test.features, y_test, classes.size, ks, seed, 0, temperature, Cs, n_jobs
+        train.features, y_train, test.features, y_test, classes.size, ks, seed, 0, temperature, Cs, n_jobs,
+        knn_standardise,
     )
     if progress:
         print(_progress_line(rows, "fixed split"), file=sys.stderr, flush=True)

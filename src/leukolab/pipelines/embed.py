@@ -438,6 +438,7 @@ def probe_features(
     ks: Sequence[int] = (1, 20),
     show_progress: bool = True,
     n_jobs: int | None = None,
+    knn_standardise: bool = False,
 ) -> tuple[Path, str]:
     """kNN and linear probes of a features file; writes ``probe.csv`` and ``probe.md`` into a new folder.
 
@@ -457,11 +458,13 @@ def probe_features(
         raise LeukolabError("give both --train and --test, or neither (then the probes are cross-validated)")
     if train is not None and test is not None:
         train_fs, test_fs = _select(fs, train, "train", feats), _select(fs, test, "test", feats)
-        results = evaluate_fixed_split(train_fs, test_fs, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs)
+        results = evaluate_fixed_split(train_fs, test_fs, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs,
+                                       knn_standardise=knn_standardise)
         how = f"fit on {train} ({len(train_fs)} rows), scored on {test} ({len(test_fs)} rows), seed {seed}"
         classes = train_fs.classes
     else:
-        results = cross_validate_probes(fs, folds=folds, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs)
+        results = cross_validate_probes(fs, folds=folds, seed=seed, ks=ks, progress=show_progress, n_jobs=n_jobs,
+                                        knn_standardise=knn_standardise)
         how = f"stratified {folds}-fold cross-validation, seed {seed}"
         classes = fs.classes
     table = to_markdown(summarise(results))
