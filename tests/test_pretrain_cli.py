@@ -16,8 +16,8 @@ import leukolab.cli.cmd_pretrain  # noqa: F401 - registers the command
 from leukolab.cli.main import main
 from leukolab.data.synthetic import make_pool
 from leukolab.models.backbones import create_backbone
-from leukolab.models.weights import load_backbone_weights, read_checkpoint
-from leukolab.pipelines.pretrain import backbone_spec, collect_images, split_pool
+from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights, read_checkpoint
+from leukolab.pipelines.pretrain import collect_images, split_pool
 
 TINY_CONFIG = {
     "model": {"backbone_kwargs": {"patch_size": 8, "depth": 2}},
@@ -51,7 +51,7 @@ def _run_dir(out: str) -> Path:
 
 
 def _check_backbone_roundtrip(run: Path, registers: int) -> dict:
-    spec = backbone_spec(run)
+    spec = checkpoint_backbone_spec(run)
     assert spec["backbone"] == "vit_tiny_patch16_224" and spec["img_size"] == 32
     assert spec["backbone_kwargs"] == {"patch_size": 8, "depth": 2, "reg_tokens": registers}
     model = create_backbone(spec["backbone"], spec["img_size"], **spec["backbone_kwargs"])

@@ -111,7 +111,7 @@ def collect_run(root: Path | str, max_depth: int = 3, max_images: int = 40) -> R
         raise LeukolabError(f"run folder {root} does not exist")
     art = RunArtifacts(root=root.resolve())
     files = _walk(art.root, max_depth)
-    images: list[tuple[int, str, Path]] = []
+    images: list[tuple[int, int, str, Path]] = []  # (depth, kind order, kind, path)
     for f in files:
         suffix = f.suffix.lower()
         if f.name == "config.yaml" and art.config_text is None:
@@ -139,12 +139,11 @@ def collect_run(root: Path | str, max_depth: int = 3, max_images: int = 40) -> R
             order, kind = _image_kind(f)
             # figures anywhere; other PNGs (image data, e.g. class folders) only at the run's top level
             if kind != "other figures" or f.parent == art.root:
-                images.append((order, kind, f))
+                images.append((len(f.relative_to(art.root).parts), order, kind, f))
     # the run's own figures (and its eval/ folder's) before those of runs nested in it, so that an
     # experiment's label_efficiency.png is not crowded out by its cells' curves
-    images.sort(key=lambda t: (len(t[2].relative_to(art.root).parts) > 2, t[0], len(t[2].relative_to(art.root).parts),
-                               str(t[2])))
-    art.images = [(kind, path) for _, kind, path in images[:max_images]]
+    images.sort(key=lambda t: (t[0] > 2, t[1], t[0], str(t[3])))
+    art.images = [(kind, path) for _, _, kind, path in images[:max_images]]
     if art.is_empty():
         raise LeukolabError(
             f"{root}: nothing to report (no config.yaml, metrics.json, history.csv, .md tables or .png figures "

@@ -47,17 +47,37 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return obj
 
 
+def _get(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def backbone_spec_of(state: dict[str, Any]) -> dict[str, Any]:
+    """``{backbone, backbone_kwargs, img_size}`` recorded in a loaded leukolab checkpoint ({} for foreign ones).
+
+    Pretraining checkpoints name the backbone in ``backbone_name`` (with ``img_size`` and
+    ``backbone_kwargs``, ``reg_tokens`` included); classification checkpoints carry the run's
+    ``config``. Build the matching backbone with ``create_backbone(spec["backbone"],
+    spec["img_size"], **spec["backbone_kwargs"])``; ``img_size`` is None when not recorded.
+    """
+    if isinstance(state.get("backbone_name"), str):
+        name = state["backbone_name"]
+        size = state.get("img_size") or _get(state, "config", "data", "img_size")
+        kwargs = state.get("backbone_kwargs") or _get(state, "config", "model", "backbone_kwargs")
+    elif isinstance(name := _get(state, "config", "model", "backbone"), str):
+        size = _get(state, "config", "data", "img_size") or state.get("img_size")
+        kwargs = _get(state, "config", "model", "backbone_kwargs") or state.get("backbone_kwargs")
+    else:
+        return {}
+    return {"backbone": name, "backbone_kwargs": dict(kwargs or {}), "img_size": size}
+
+
 def checkpoint_backbone_spec(path: Path | str) -> dict[str, Any]:
-    """``{backbone, backbone_kwargs, img_size}`` recorded in a leukolab checkpoint ({} for foreign files)."""
-    state = read_checkpoint(path)
-    if "backbone_name" in state:
-        return {"backbone": state["backbone_name"], "backbone_kwargs": state.get("backbone_kwargs") or {},
-                "img_size": state.get("img_size")}
-    cfg = state.get("config")
-    if isinstance(cfg, dict) and "model" in cfg:
-        return {"backbone": cfg["model"]["backbone"], "backbone_kwargs": cfg["model"].get("backbone_kwargs") or {},
-                "img_size": cfg["data"]["img_size"]}
-    return {}
+    """:func:`backbone_spec_of` a checkpoint file or run folder."""
+    return backbone_spec_of(read_checkpoint(path))
 
 
 def extract_backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:

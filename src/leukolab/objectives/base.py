@@ -10,6 +10,7 @@ subclasses this and registers itself in :data:`leukolab.registry.OBJECTIVES`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,25 @@ class StepOutput:
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether a parameter gets weight decay: not biases, norms (1-D), tokens or position embeddings."""
+    return not (p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name)
+
+
+def decay_groups(
+    named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, **extra: Any
+) -> list[dict[str, Any]]:
+    """The trainable ``named`` parameters as a decayed group and (if any) an undecayed one, ``extra`` in both."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, **extra}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, **extra})
+    return groups
 
 
 class Objective(nn.Module):
@@ -57,18 +77,7 @@ class Objective(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Trainable parameters; no weight decay on biases, norms and tokens."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return decay_groups(self.named_parameters(), weight_decay)
 
     def export_backbone(self) -> dict[str, torch.Tensor] | None:
         """The backbone's weights in timm naming, stored as ``backbone`` in checkpoints."""

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.metrics import classification_metrics
-from leukolab.objectives.base import Objective, StepOutput
+from leukolab.objectives.base import Objective, StepOutput, decay_groups
 from leukolab.registry import OBJECTIVES
 
 
@@ -55,11 +55,8 @@ class ClassificationObjective(Objective):
         skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
         groups = param_groups_layer_decay(backbone, weight_decay, no_weight_decay_list=skip,
                                           layer_decay=self.layer_decay)
-        rest = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
-        for decay in (True, False):
-            params = [p for n, p in rest if (p.ndim > 1 and not n.endswith(".bias")) == decay]
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": 1.0})
+        head = ((n, p) for n, p in self.named_parameters() if not n.startswith("model.backbone."))
+        groups += decay_groups(head, weight_decay, lr_scale=1.0)
         return [g for g in groups if g["params"]]
 
     def training_step(self, batch: Any) -> StepOutput:

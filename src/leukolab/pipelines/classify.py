@@ -27,9 +27,10 @@ from leukolab.models.classifier import Classifier, build_classifier
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
 from leukolab.training import distributed
+from leukolab.training.loaders import build_loader
 from leukolab.training.loop import Trainer, TrainerConfig, pick_device
 from leukolab.utils.runs import dump_json, dump_yaml, new_run_dir, unique_child
-from leukolab.utils.seed import seed_everything, worker_init
+from leukolab.utils.seed import seed_everything
 
 
 @dataclass
@@ -54,13 +55,12 @@ def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
     else:
         if "train" not in parts:
             raise LeukolabError(f"{data_cfg['path']}: has splits {sorted(parts)} but no 'train'")
-        train = parts["train"]
         # a split the folder lacks is carved out of train/ (stratified, by seed)
-        idx = stratified_split(train.labels, 0.0 if "val" in parts else data_cfg["val_fraction"],
+        idx = stratified_split(parts["train"].labels, 0.0 if "val" in parts else data_cfg["val_fraction"],
                                0.0 if "test" in parts else data_cfg["test_fraction"], seed)
-        train, val, test = (
-            parts[s] if s in parts and s != "train" else train.subset(idx[s]) for s in ("train", "val", "test")
-        )
+        val = parts["val"] if "val" in parts else parts["train"].subset(idx["val"])
+        test = parts["test"] if "test" in parts else parts["train"].subset(idx["test"])
+        train = parts["train"].subset(idx["train"])
     names = list(train.class_names)
     for part in (val, test):
         part.class_names = names
@@ -91,16 +91,7 @@ def make_loader(
     """
     tf = train_transform(img_size, augment) if train else eval_transform(img_size)
     ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache, max_side=2 * img_size)
-    g = torch.Generator()
-    g.manual_seed(seed)
-    sampler = distributed.train_sampler(ds, seed, g, min_samples) if train else None
-    n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train and n > batch_size,
-        num_workers=num_workers, worker_init_fn=worker_init, generator=g,
-        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
+    return build_loader(ds, batch_size, train=train, num_workers=num_workers, seed=seed, min_samples=min_samples)
 
 
 def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:

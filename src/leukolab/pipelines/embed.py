@@ -41,7 +41,12 @@ from leukolab.data.transforms import check_normalisation, eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
 from leukolab.models.backbones import create_backbone, is_vit
-from leukolab.models.weights import load_backbone_weights, read_checkpoint, resolve_checkpoint_path
+from leukolab.models.weights import (
+    backbone_spec_of,
+    load_backbone_weights,
+    read_checkpoint,
+    resolve_checkpoint_path,
+)
 from leukolab.utils.progress import progress as progress_bar
 
 __all__ = [
@@ -64,28 +69,6 @@ DEFAULT_RAW_IMG_SIZE = 224
 # --------------------------------------------------------------------------------------
 # Loading a backbone
 # --------------------------------------------------------------------------------------
-
-
-def _get(mapping: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(mapping, dict) or key not in mapping:
-            return None
-        mapping = mapping[key]
-    return mapping
-
-
-def _leukolab_spec(obj: dict[str, Any]) -> tuple[str, str, int | None, dict[str, Any]] | None:
-    """``(kind, backbone name, img_size, backbone kwargs)`` of a leukolab checkpoint, else None."""
-    if isinstance(obj.get("backbone_name"), str):  # pretraining checkpoints (and anything shaped like them)
-        size = obj.get("img_size") or _get(obj, "config", "data", "img_size")
-        kwargs = obj.get("backbone_kwargs") or _get(obj, "config", "model", "backbone_kwargs") or {}
-        return str(obj.get("task") or "pretrain"), obj["backbone_name"], size, dict(kwargs)
-    name = _get(obj, "config", "model", "backbone")
-    if isinstance(name, str):
-        size = _get(obj, "config", "data", "img_size") or obj.get("img_size")
-        kwargs = _get(obj, "config", "model", "backbone_kwargs") or obj.get("backbone_kwargs") or {}
-        return str(obj.get("task") or "run"), name, size, dict(kwargs)
-    return None
 
 
 def _check_patch_multiple(model: nn.Module, img_size: int, where: str) -> None:
@@ -149,8 +132,9 @@ def load_model_for_embedding(
             load_backbone_weights(backbone, ckpt)
             notes.append(f"position embedding resampled from {native} to {size} px")
         kind, name = "converted", f"vit (converted {obj.get('format', '?')})"
-    elif (spec := _leukolab_spec(obj)) is not None:
-        task, name, native, kwargs = spec
+    elif spec := backbone_spec_of(obj):
+        name, native, kwargs = spec["backbone"], spec["img_size"], spec["backbone_kwargs"]
+        task = str(obj.get("task") or ("pretrain" if isinstance(obj.get("backbone_name"), str) else "run"))
         size = int(img_size or native or 0)
         if not size:
             raise LeukolabError(f"{ckpt}: the checkpoint does not record its image size; pass --img-size")

@@ -11,8 +11,8 @@ objective (:class:`~leukolab.objectives.mae.MAEObjective` or
 Checkpoints hold the backbone in timm naming (``backbone``) with
 ``backbone_name``, ``img_size``, ``backbone_kwargs`` (``reg_tokens`` included
 when registers were used), ``registers`` and ``task`` (``pretrain-mae`` /
-``pretrain-dino``); :func:`backbone_spec` reads them back so that a classifier
-can be built with the matching architecture before
+``pretrain-dino``); :func:`leukolab.models.weights.checkpoint_backbone_spec`
+reads them back so that a classifier can be built with the matching architecture before
 :func:`leukolab.models.weights.load_backbone_weights` loads the weights.
 """
 
@@ -37,14 +37,14 @@ from leukolab.data.transforms import MEAN, STD, eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.plots import plot_curves
 from leukolab.models.backbones import create_backbone, is_vit, resolve_backbone_name
-from leukolab.models.weights import read_checkpoint
 from leukolab.objectives.base import Objective
 from leukolab.objectives.dino import DINOObjective
 from leukolab.objectives.mae import MAEObjective
 from leukolab.training import distributed
+from leukolab.training.loaders import build_loader
 from leukolab.training.loop import Trainer, TrainerConfig
 from leukolab.utils.runs import dump_yaml, new_run_dir
-from leukolab.utils.seed import seed_everything, worker_init
+from leukolab.utils.seed import seed_everything
 
 METHODS = ("mae", "dino")
 
@@ -124,16 +124,7 @@ def make_loader(paths: list[Path], transform: Any, batch_size: int, *, train: bo
                 cache: bool = False, seed: int = 0, max_side: int | None = None) -> DataLoader:
     """A DataLoader of ``(transformed image, -1)`` over unlabelled ``paths`` (shrunk to ``max_side`` on decoding)."""
     ds = ImageDataset(paths, None, transform, cache=cache, max_side=max_side)
-    g = torch.Generator()
-    g.manual_seed(seed)
-    sampler = distributed.train_sampler(ds, seed, g) if train else None
-    n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train and n > batch_size,
-        num_workers=num_workers, worker_init_fn=worker_init, generator=g,
-        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
+    return build_loader(ds, batch_size, train=train, num_workers=num_workers, seed=seed)
 
 
 # --------------------------------------------------------------------------- model
@@ -196,24 +187,6 @@ def build_objective(cfg: dict[str, Any]) -> Objective:
         if int(c["local_size"]) % patch:
             raise LeukolabError(f"local crop size {c['local_size']} is not a multiple of {name}'s patch size {patch}")
     return objective
-
-
-def backbone_spec(ckpt_path: Path | str) -> dict[str, Any]:
-    """``{"backbone", "img_size", "backbone_kwargs"}`` of a pretrain (or train) run folder / checkpoint.
-
-    Build the classifier's backbone as ``create_backbone(spec["backbone"], spec["img_size"],
-    **spec["backbone_kwargs"])`` (``reg_tokens`` is in ``backbone_kwargs`` when the run used
-    registers) and every key of the checkpoint's backbone fits.
-    """
-    state = read_checkpoint(ckpt_path)
-    if "backbone_name" in state:
-        return {"backbone": state["backbone_name"], "img_size": int(state["img_size"]),
-                "backbone_kwargs": dict(state.get("backbone_kwargs") or {})}
-    cfg = state.get("config")
-    if state.get("task") == "classification" and isinstance(cfg, dict):
-        return {"backbone": cfg["model"]["backbone"], "img_size": int(cfg["data"]["img_size"]),
-                "backbone_kwargs": dict(cfg["model"].get("backbone_kwargs") or {})}
-    raise LeukolabError(f"{ckpt_path}: no backbone description; expected a leukolab pretrain or train run")
 
 
 # --------------------------------------------------------------------------- run

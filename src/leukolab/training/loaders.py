@@ -1,0 +1,31 @@
+"""The one way a leukolab pipeline turns a dataset into a DataLoader.
+
+Training loaders are shuffled by a seeded generator (re-seeded per epoch by the
+Trainer), sharded under torchrun and, for small labelled sets, stretched to
+``min_samples`` per epoch (:func:`leukolab.training.distributed.train_sampler`);
+evaluation loaders keep the dataset's order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from leukolab.training.distributed import train_sampler
+from leukolab.utils.seed import worker_init
+
+
+def build_loader(
+    ds: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0, min_samples: int = 0
+) -> DataLoader:
+    """A DataLoader over ``ds``; training batches are shuffled, seeded and full (last partial one dropped)."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    sampler = train_sampler(ds, seed, g, min_samples) if train else None
+    n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train and n > batch_size,
+        num_workers=num_workers, worker_init_fn=worker_init, generator=g,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+    )
