@@ -142,6 +142,27 @@ def test_embed_random_init_keeps_the_architecture_but_not_the_weights(
     assert "random init" in stdout
 
 
+def test_embed_layer_and_final_norm_pick_the_tokens(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    model, _, _ = load_model_for_embedding(files["pre"])
+    x = load_image_batch(sorted((files["data"] / "basophil").glob("*.png"))[:3], 32)
+    with torch.no_grad():
+        tokens = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        after0 = model.blocks[0](tokens)
+        last = pool_features(model, x, "both")
+        np.testing.assert_allclose(pool_features(model, x, "both", layer=1, final_norm=True), last, atol=1e-6)
+        raw0 = pool_features(model, x, "both", layer=0, final_norm=False)
+        np.testing.assert_allclose(raw0[:, :192], after0[:, 0], atol=1e-5)  # class token after block 0
+        np.testing.assert_allclose(raw0[:, 192:], after0[:, 3:].mean(1), atol=1e-5)  # patches (registers skipped)
+        raw_last = pool_features(model, x, "cls", layer=-1, final_norm=False)
+        np.testing.assert_allclose(model.norm(raw_last), last[:, :192], atol=1e-5)
+    out = tmp_path / "b0.npz"
+    code, stdout, err = run_cli(["embed", files["pre"], files["data"], "--out", out, "--layer", 0,
+                                 "--no-final-norm", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "of block 0 (no final norm)" in stdout
+    assert load_features(out).features.shape == (5 * N_PER_CLASS, 192)
+
+
 def test_embed_unlabelled_folder_and_several_sources(files: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "u.npz"
     flat = files["data"] / "basophil"
@@ -280,6 +301,7 @@ def bad_inputs(files: dict[str, Path]) -> dict[str, Path]:
         (["embed", "{weird}", "{data}", "--out", "{tmp}/a.npz"], "unknown checkpoint layout"),
         (["embed", "{pre}", "{data}", "--out", "{tmp}/a.csv"], "expected .npz or .parquet"),
         (["embed", "{pre}", "{data}", "--out", "{tmp}/a.npz", "--pool", "max"], "--pool 'max'"),
+        (["embed", "{pre}", "{data}", "--out", "{tmp}/a.npz", "--layer", "2"], "--layer 2: this ViT has 2 blocks"),
         (["viz", "attention", "{cnn}", "{data}/basophil", "--out", "{tmp}/att"], "needs a Vision Transformer"),
         (["viz", "pca", "{pre}", "{root}/nothing.png", "--out", "{tmp}/p.png"], "nothing.png does not exist"),
         (["viz", "umap", "{unlabelled}", "--method", "pca", "--out", "{tmp}/u.png"], "have no labels"),

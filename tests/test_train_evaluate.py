@@ -127,3 +127,37 @@ def test_layer_decay_gives_deeper_vit_blocks_larger_learning_rates(tmp_path: Pat
     assert trainer.current_lr() == pytest.approx(1e-3)
     with pytest.raises(LeukolabError, match="layer decay"):
         ClassificationObjective(model, ["a", "b", "c"], layer_decay=1.5)
+
+
+def test_linear_probe_standardises_frozen_features_and_only_the_head_learns(tmp_path: Path) -> None:
+    from leukolab.models.classifier import build_classifier
+
+    cfg = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 1}, "head": "linear", "drop_path": 0.0,
+           "freeze_backbone": True, "probe_norm": True}
+    torch.manual_seed(0)
+    model = build_classifier(cfg, 32, 3).train()
+    bn = model.head[0]
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.1.1.weight", "head.1.1.bias"]
+    x = torch.randn(16, 3, 32, 32)
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model(x)  # batch statistics update the probe's norm, never the backbone
+    assert bn.num_batches_tracked.item() == 1 and bn.running_mean.abs().sum() > 0
+    assert all(torch.equal(frozen[k], v) for k, v in model.backbone.state_dict().items())
+    assert not isinstance(build_classifier({**cfg, "freeze_backbone": False}, 32, 3).head[0], torch.nn.BatchNorm1d)
+    # runs written before this option existed have no key: their checkpoints keep the plain head
+    old = {k: v for k, v in cfg.items() if k != "probe_norm"}
+    assert not isinstance(build_classifier(old, 32, 3).head[0], torch.nn.BatchNorm1d)
+
+
+def test_avg_pool_vit_takes_a_token_pool_checkpoint(tmp_path: Path) -> None:
+    from leukolab.models.backbones import create_backbone
+    from leukolab.models.weights import load_backbone_weights
+
+    src = create_backbone("vit_tiny_patch16_224", 32, depth=1)
+    torch.save({"backbone": src.state_dict(), "backbone_name": "vit_tiny_patch16_224"}, tmp_path / "pre.pt")
+    dst = create_backbone("vit_tiny_patch16_224", 32, depth=1, global_pool="avg")
+    report = load_backbone_weights(dst, tmp_path / "pre.pt")
+    assert "fc_norm.weight" in report["loaded"] and not report["ignored"]
+    assert torch.equal(dst.fc_norm.weight, src.norm.weight)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)

@@ -36,6 +36,9 @@ def embed(
                                                 "images; several are stacked (column 'source')."),
     out: Path = typer.Option(..., "--out", help="New features file, .npz or .parquet."),
     pool: str = typer.Option("cls", "--pool", help="ViT pooling: cls, mean (of patch tokens) or both."),
+    layer: int = typer.Option(-1, "--layer", help="ViT block whose tokens are pooled (0-based; -1 = last)."),
+    final_norm: bool = typer.Option(True, "--final-norm/--no-final-norm",
+                                    help="Pass the tokens through the ViT's final LayerNorm."),
     img_size: Optional[int] = typer.Option(None, "--img-size",
                                            help="Input size (default: the checkpoint's; 224 for raw files)."),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -54,12 +57,19 @@ def embed(
 
     path, fs, meta = embed_dataset(model, list(data), out, pool=pool, img_size=img_size, batch_size=batch_size,
                                    device=device, show_progress=progress, labels=labels, num_heads=num_heads,
-                                   random_init=random_init, seed=seed, norm=norm)
+                                   random_init=random_init, seed=seed, norm=norm, layer=layer,
+                                   final_norm=final_norm)
     for note in meta["notes"]:
         typer.echo(f"note: {note}", err=True)
     labelled = f"{len(fs.classes)} classes" if fs.labels is not None else "unlabelled"
     typer.echo(f"wrote {path}: {len(fs)} rows x {fs.dim} dims ({labelled}; {meta['backbone']} at "
-               f"{meta['img_size']} px, pool {meta['pool']}, {meta['normalisation']} normalisation)")
+               f"{meta['img_size']} px, pool {meta['pool']}{_layer_text(meta)}, {meta['normalisation']} normalisation)")
+
+
+def _layer_text(meta: dict) -> str:
+    if meta.get("layer") is None:
+        return ""
+    return f" of block {meta['layer']}" + ("" if meta["final_norm"] else " (no final norm)")
 
 
 @app.command()

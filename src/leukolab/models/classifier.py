@@ -50,4 +50,9 @@ def build_classifier(model_cfg: dict[str, Any], img_size: int, num_classes: int)
         **(model_cfg.get("backbone_kwargs") or {}),
     )
     head = HEADS.build(model_cfg.get("head", "linear"), in_features=backbone.num_features, num_classes=num_classes)
-    return Classifier(backbone, head, freeze_backbone=bool(model_cfg.get("freeze_backbone", False)))
+    freeze = bool(model_cfg.get("freeze_backbone", False))
+    if freeze and model_cfg.get("probe_norm", False):
+        # MAE's linear-probe recipe: frozen features are standardised (batch statistics, no affine)
+        # before the head, so a few large feature dimensions cannot dominate it
+        head = nn.Sequential(nn.BatchNorm1d(backbone.num_features, affine=False), head)
+    return Classifier(backbone, head, freeze_backbone=freeze)

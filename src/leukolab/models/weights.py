@@ -116,6 +116,7 @@ def load_backbone_weights(model: nn.Module, path: Path | str) -> dict[str, list[
     sd = extract_backbone_state(obj)
     if not sd:
         raise LeukolabError(f"{path}: no tensors found; expected a model state dict")
+    sd = _norm_to_fc_norm(sd, model)
     if is_vit(model) and not _looks_timm(sd, model):
         from leukolab.zoo.convert import convert_state_dict
 
@@ -130,6 +131,20 @@ def load_backbone_weights(model: nn.Module, path: Path | str) -> dict[str, list[
             "expected a checkpoint of the same architecture"
         )
     return {"loaded": sorted(sd), "ignored": sorted(set(ignored) | set(unexpected))}
+
+
+def _norm_to_fc_norm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A ViT built with ``global_pool='avg'`` normalises the pooled patch tokens
+    (``fc_norm``) instead of every token (``norm``); a checkpoint of the same ViT
+    with token pooling starts that ``fc_norm`` from its final ``norm`` (MAE's
+    fine-tuning recipe pools this way)."""
+    own = model.state_dict()
+    if "fc_norm.weight" in own and "fc_norm.weight" not in sd and "norm.weight" in sd and "norm.weight" not in own:
+        sd = dict(sd)
+        for part in ("weight", "bias"):
+            if f"norm.{part}" in sd:
+                sd[f"fc_norm.{part}"] = sd.pop(f"norm.{part}")
+    return sd
 
 
 def _fit_timm_state(

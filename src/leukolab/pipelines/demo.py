@@ -32,7 +32,7 @@ FULL_DEFAULTS: dict[str, Any] = {
     "pretrain_backbone": "vit_tiny_patch16",
     "pretrain_epochs": 12,
     "pretrain_batch_size": 128,
-    "pretrain_base_lr": 1.5e-3,
+    "pretrain_base_lr": 3e-3,  # measured best of 1.5e-3 / 3e-3 / 6e-3 for short CPU runs
     "fractions": (0.1, 0.01),
     "seeds": 1,
     "finetune_epochs": 12,

@@ -51,6 +51,7 @@ from leukolab.utils.progress import progress as progress_bar
 
 __all__ = [
     "POOLS",
+    "check_layer",
     "collect_images",
     "embed_dataset",
     "embed_paths",
@@ -255,29 +256,49 @@ def load_image_batch(paths: Sequence[Path], img_size: int, norm: str = "leukolab
 # --------------------------------------------------------------------------------------
 
 
-def pool_features(model: nn.Module, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+def check_layer(model: nn.Module, layer: int) -> int:
+    """The block index (0-based) that ``layer`` names; negative counts from the last block."""
+    depth = len(getattr(model, "blocks", []))
+    if isinstance(layer, bool) or not -depth <= int(layer) < depth:
+        raise LeukolabError(f"--layer {layer!r}: this ViT has {depth} blocks; expected -{depth} .. {depth - 1}")
+    return int(layer) % depth
+
+
+def pool_features(
+    model: nn.Module, x: torch.Tensor, pool: str = "cls", layer: int = -1, final_norm: bool = True
+) -> torch.Tensor:
     """``(B, D)`` (``(B, 2D)`` for ``both``) embeddings of a batch.
 
-    ViTs: ``forward_features`` gives the final, normalised tokens; the first
-    ``num_prefix_tokens`` are the class (and register) tokens, the rest the
-    patches. ``cls`` takes the class token, ``mean`` averages the patch
-    tokens, ``both`` concatenates the two. Other backbones: their pooled
-    features (``model(x)``), whatever ``pool`` says.
+    ViTs: the tokens after block ``layer`` (default the last), passed through
+    the model's final LayerNorm unless ``final_norm`` is false (then the raw
+    residual stream, as timm's ``forward_intermediates(norm=False)`` gives
+    it). The first ``num_prefix_tokens`` are the class (and register) tokens,
+    the rest the patches. ``cls`` takes the class token, ``mean`` averages the
+    patch tokens, ``both`` concatenates the two. Other backbones: their pooled
+    features (``model(x)``), whatever ``pool``, ``layer`` and ``final_norm`` say.
     """
     if pool not in POOLS:
         raise LeukolabError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
     if not is_vit(model):
         return model(x).flatten(1)
-    tokens = model.forward_features(x)
-    n_prefix = int(getattr(model, "num_prefix_tokens", 1) or 0)
     has_cls = getattr(model, "cls_token", None) is not None
+    if pool in ("cls", "both") and not has_cls:
+        raise LeukolabError("this ViT has no class token; use --pool mean")
+    index = check_layer(model, layer)
+    if index == len(model.blocks) - 1 and final_norm:
+        tokens = model.forward_features(x)
+        n_prefix = int(getattr(model, "num_prefix_tokens", 1) or 0)
+        prefix, patches = tokens[:, :n_prefix], tokens[:, n_prefix:]
+    else:
+        ((patches, prefix),) = model.forward_intermediates(
+            x, indices=[index], norm=final_norm, output_fmt="NLC", intermediates_only=True,
+            return_prefix_tokens=True,
+        )
     out = []
     if pool in ("cls", "both"):
-        if not has_cls:
-            raise LeukolabError("this ViT has no class token; use --pool mean")
-        out.append(tokens[:, 0])
+        out.append(prefix[:, 0])
     if pool in ("mean", "both"):
-        out.append(tokens[:, n_prefix:].mean(dim=1))
+        out.append(patches.mean(dim=1))
     return torch.cat(out, dim=1)
 
 
@@ -291,6 +312,8 @@ def embed_paths(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
     norm: str = "leukolab",
+    layer: int = -1,
+    final_norm: bool = True,
 ) -> np.ndarray:
     """``(N, D)`` float32 embeddings of image files, in order (see :func:`pool_features`)."""
     if batch_size < 1:
@@ -300,7 +323,7 @@ def embed_paths(
     loader = DataLoader(ImageDataset(list(paths), None, eval_transform(img_size, norm)), batch_size=batch_size)
     chunks = []
     for x, _ in progress_bar(loader, desc="embedding", enable=show_progress, total=len(loader)):
-        chunks.append(pool_features(model, x.to(device), pool).float().cpu().numpy())
+        chunks.append(pool_features(model, x.to(device), pool, layer, final_norm).float().cpu().numpy())
     if not chunks:
         raise LeukolabError("no images to embed")
     return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -341,8 +364,16 @@ def embed_dataset(
     random_init: bool = False,
     seed: int = 0,
     norm: str | None = None,
+    layer: int = -1,
+    final_norm: bool = True,
 ) -> tuple[Path, FeatureSet, dict[str, Any]]:
     """Embed every image of one or more data sets and write a features file.
+
+    ``layer`` (a ViT block index, negative from the end) and ``final_norm``
+    choose which tokens are pooled (see :func:`pool_features`): a masked
+    autoencoder with a shallow decoder spends its last blocks on pixel
+    reconstruction, so its earlier or un-normalised tokens can be the better
+    embedding.
 
     ``random_init`` keeps the model's architecture but replaces its weights by a
     fresh random initialisation (seeded by ``seed``): the floor a pretrained
@@ -382,11 +413,17 @@ def embed_dataset(
         meta["notes"].append(f"weights of {meta['checkpoint']} replaced by a random initialisation (seed {seed})")
     if not meta["vit"] and pool != "cls":
         meta["notes"].append(f"--pool {pool} ignored: {meta['backbone']} is not a ViT, its pooled features are used")
+    if meta["vit"]:
+        layer = check_layer(backbone, layer)  # before any image is read
+    elif layer != -1 or not final_norm:
+        meta["notes"].append(f"--layer / --no-final-norm ignored: {meta['backbone']} is not a ViT")
     feats = embed_paths(backbone, all_paths, size, pool, batch_size, pick_device(device), show_progress,
-                        meta["normalisation"])
+                        meta["normalisation"], layer, final_norm)
     fs = FeatureSet(feats, [str(p.resolve()) for p in all_paths], all_labels, extra)
     save_features(fs, out)
     meta["pool"] = pool if meta["vit"] else "pooled"
+    default_tokens = not meta["vit"] or (layer == len(backbone.blocks) - 1 and final_norm)
+    meta["layer"], meta["final_norm"] = (None, None) if default_tokens else (layer, final_norm)
     return out, fs, meta
 
 
