@@ -14,6 +14,7 @@ def test_quick_full_demo_writes_every_stage(tmp_path: Path, capsys: pytest.Captu
     assert code == 0, out
     root = next(tmp_path.iterdir())
     assert (root / "runs").is_dir() and "balanced accuracy" in out
+    assert len(list((root / "data_full" / "basophil").glob("*.png"))) == 40  # its own labelled set
     pre = next((root / "pretrain").iterdir())
     assert (pre / "last.pt").is_file() and (pre / "reconstructions.png").is_file()
     results = pd.read_csv(root / "label_efficiency" / "label_efficiency.csv")

@@ -40,7 +40,7 @@ def test_label_efficiency_writes_tables_and_resumes_without_redoing_cells(
     assert set(results["mode"]) == {"finetune", "linear"}
     assert results["balanced_accuracy"].between(0, 1).all()
     md = (out / "label_efficiency.md").read_text()
-    assert "| scratch | finetune |" in md and "| pre | linear |" in md and "±" in md
+    assert "| scratch | finetune |" in md and "| pre | linear |" in md and "(1 seed)" in md
     assert (out / "label_efficiency.png").stat().st_size > 1000
     # the pretrained backbone's architecture is used for every cell
     for run in results["run"]:
@@ -99,3 +99,5 @@ def test_collapsed_cells_are_flagged_and_rows_with_new_columns_are_kept(tmp_path
     assert len(results) == 3 and results["n_classes"].isna().sum() == 1
     md = experiment.to_markdown(experiment.summarise(results))
     assert "⚠ 1/5 classes" in md.splitlines()[2] and "⚠" not in md.splitlines()[3]
+    assert "0.250 ± 0.071" in md.splitlines()[2]  # two seeds: mean ± std
+    assert "0.600 / 0.600 (1 seed)" in md.splitlines()[3] and "±" not in md.splitlines()[3]  # one: no fake 0 spread

@@ -187,9 +187,11 @@ def to_markdown(summary: pd.DataFrame) -> str:
                 cells.append("–")
                 continue
             r = r.iloc[0]
-            sd_b = 0.0 if pd.isna(r["balanced_accuracy_std"]) else r["balanced_accuracy_std"]
-            sd_f = 0.0 if pd.isna(r["f1_macro_std"]) else r["f1_macro_std"]
-            cell = f"{r['balanced_accuracy_mean']:.3f} ± {sd_b:.3f} / {r['f1_macro_mean']:.3f} ± {sd_f:.3f}"
+            if pd.isna(r["balanced_accuracy_std"]):  # one seed: no spread to show
+                cell = f"{r['balanced_accuracy_mean']:.3f} / {r['f1_macro_mean']:.3f} (1 seed)"
+            else:
+                cell = (f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f} / "
+                        f"{r['f1_macro_mean']:.3f} ± {r['f1_macro_std']:.3f}")
             if r.get("min_predicted_classes", 0) < r.get("n_classes", 0):  # NaN-safe: False when unknown
                 cell += f" ⚠ {int(r['min_predicted_classes'])}/{int(r['n_classes'])} classes"
                 flagged = True
