@@ -161,3 +161,18 @@ def test_avg_pool_vit_takes_a_token_pool_checkpoint(tmp_path: Path) -> None:
     assert "fc_norm.weight" in report["loaded"] and not report["ignored"]
     assert torch.equal(dst.fc_norm.weight, src.norm.weight)
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_build_model_keeps_a_frozen_backbone_frozen_after_loading_init(tmp_path: Path) -> None:
+    from leukolab.models.backbones import create_backbone
+
+    src = create_backbone("vit_tiny_patch16_224", 32, depth=1)
+    torch.save({"backbone": src.state_dict(), "backbone_name": "vit_tiny_patch16_224"}, tmp_path / "pre.pt")
+    cfg = {"model": {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"depth": 1}, "head": "linear",
+                     "drop_path": 0.0, "freeze_backbone": True, "probe_norm": True, "init": str(tmp_path / "pre.pt")},
+           "data": {"img_size": 32}}
+    model = classify.build_model(cfg, 3)
+    assert model.freeze_backbone and not any(p.requires_grad for p in model.backbone.parameters())
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    model.train()
+    assert not model.backbone.training and model.head.training

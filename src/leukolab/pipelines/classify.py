@@ -102,13 +102,12 @@ def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:
 
 
 def build_model(cfg: dict[str, Any], num_classes: int) -> Classifier:
-    """The classifier of a config, with ``model.init`` weights loaded when given."""
+    """The classifier of a config (frozen backbone and probe norm as it says), with ``model.init``
+    weights loaded when given (loading keeps a frozen backbone frozen)."""
     model = build_classifier(cfg["model"], cfg["data"]["img_size"], num_classes)
     init = cfg["model"].get("init")
     if init:
         load_backbone_weights(model.backbone, init)
-    if cfg["model"].get("freeze_backbone"):
-        model = Classifier(model.backbone, model.head, freeze_backbone=True)
     return model
 
 
