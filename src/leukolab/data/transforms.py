@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from leukolab.checkpoints import IMAGENET_MEAN, IMAGENET_STD
+from leukolab.checkpoints import LEUKOLAB_MEAN as MEAN
+from leukolab.checkpoints import LEUKOLAB_STD as STD
 from leukolab.errors import LeukolabError
 
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: input normalisations by name: ``leukolab`` (every leukolab-trained model) and
 #: ``imagenet`` (released DINOv2 / DinoBloom / timm / HF ViTMAE weights)
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -1,0 +1,173 @@
+"""Reading and writing checkpoints: one module, one trust policy.
+
+* leukolab's own files (``best.pt``, ``last.pt``, ``checkpoints/epoch_*.pt``,
+  converted backbones) hold plain data only — tensors, numbers, strings,
+  ``None`` and lists/tuples/dicts of them — so they load with
+  ``torch.load(weights_only=True)``. :func:`save_checkpoint` refuses anything
+  else before it writes.
+* Foreign files that hold pickled Python objects (which can run code when
+  loaded) are read only with an explicit ``allow_pickle=True``
+  (``--allow-pickle`` on the command line); otherwise
+  :func:`load_checkpoint` stops with a one-line error.
+* A backbone is described by :class:`BackboneSpec` (timm name, kwargs, image
+  and patch size, normalisation: the shape of timm's ``pretrained_cfg``),
+  stored as ``backbone_spec`` next to the ``backbone`` weights.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leukolab.errors import LeukolabError
+from leukolab.utils.files import atomic_write
+
+#: the format tag of checkpoints written by this version
+CHECKPOINT_FORMAT = "leukolab-checkpoint-v2"
+
+#: prefixes that wrappers (DDP, objectives, SSL frameworks) put in front of backbone keys, stripped in this order
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "teacher.", "student.", "model.", "encoder.")
+
+#: leukolab's own normalisation (the synthetic and most WBC sets) and ImageNet's (released weights)
+LEUKOLAB_MEAN = (0.5, 0.5, 0.5)
+LEUKOLAB_STD = (0.25, 0.25, 0.25)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+@dataclass
+class BackboneSpec:
+    """What it takes to rebuild a backbone and feed it images (timm ``pretrained_cfg``-like).
+
+    Attributes:
+        name: timm model name (``vit_small_patch14_reg4_dinov2``, ``resnet18``).
+        kwargs: extra ``timm.create_model`` keyword arguments (``reg_tokens``, ``patch_size`` ...).
+        img_size: the input size the weights were trained or converted at (None: any).
+        patch_size: ViT patch size (None for CNNs).
+        mean: per-channel input mean.
+        std: per-channel input standard deviation.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    patch_size: int | None = None
+    mean: tuple[float, ...] = LEUKOLAB_MEAN
+    std: tuple[float, ...] = LEUKOLAB_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BackboneSpec:
+        """Inverse of :meth:`to_dict` (unknown keys ignored)."""
+        return cls(
+            name=str(d["name"]), kwargs=dict(d.get("kwargs") or {}),
+            img_size=int(d["img_size"]) if d.get("img_size") else None,
+            patch_size=int(d["patch_size"]) if d.get("patch_size") else None,
+            mean=tuple(float(v) for v in d.get("mean") or LEUKOLAB_MEAN),
+            std=tuple(float(v) for v in d.get("std") or LEUKOLAB_STD),
+        )
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise ``TypeError`` naming the first value ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN_SCALARS):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; checkpoints take str/int keys")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints hold only tensors, "
+        "numbers, strings, None and lists/dicts of them (so they load with weights_only=True)"
+    )
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: Path | str, *, overwrite: bool = True) -> Path:
+    """Atomically ``torch.save`` a plain-data checkpoint (refused with ``TypeError`` otherwise)."""
+    check_plain(obj)
+    return atomic_write(path, lambda tmp: torch.save(dict(obj), tmp), overwrite=overwrite)
+
+
+def resolve_checkpoint_path(path: Path | str) -> Path:
+    """A run folder resolves to its ``best.pt`` (else ``last.pt``); a file to itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise LeukolabError(f"{path}: no best.pt or last.pt in this folder; expected a leukolab run folder")
+    if not path.is_file():
+        raise LeukolabError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: Path | str, *, allow_pickle: bool = False) -> Any:
+    """Load a checkpoint file (or run folder) on the CPU.
+
+    ``.safetensors`` files are read with :mod:`safetensors`; everything else with
+    ``torch.load(weights_only=True)``. A file that holds pickled Python objects
+    is refused unless ``allow_pickle`` (loading it would run code from the file).
+
+    Raises:
+        LeukolabError: missing, unreadable, corrupt, or pickled without ``allow_pickle``.
+    """
+    path = resolve_checkpoint_path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise LeukolabError(f"{path}: reading .safetensors needs the safetensors package") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise LeukolabError(f"cannot read {path} as safetensors ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc) and "GLOBAL" not in str(exc):  # not a refused class but a broken file
+            raise LeukolabError(f"cannot read checkpoint {path}: not a torch.save file, or corrupt") from None
+        if not allow_pickle:
+            raise LeukolabError(
+                f"{path} holds pickled Python objects, which can run code when loaded; "
+                "pass --allow-pickle only if you trust the file"
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise LeukolabError(f"cannot read checkpoint {path} ({exc.__class__.__name__}: {first})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # the explicit --allow-pickle opt-in
+    except Exception as exc:  # arbitrary unpickling failures
+        raise LeukolabError(f"cannot read checkpoint {path} ({exc.__class__.__name__})") from None
+
+
+def strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """``sd`` with the :data:`WRAPPER_PREFIXES` every key shares removed (repeatedly)."""
+    out = dict(sd)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                changed = True
+    return out
