@@ -36,9 +36,10 @@ from leukolab.data.dataset import ImageDataset
 from leukolab.data.multicrop import MultiCropTransform
 from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
+from leukolab.data.transforms import mae_transform
+from leukolab.models.mae import patchify
 from leukolab.objectives.dino import DINOObjective
-from leukolab.objectives.mae import MAEObjective, patchify
-from leukolab.pipelines.pretrain import mae_transform
+from leukolab.objectives.mae import MAEObjective
 from leukolab.training.loop import Trainer, TrainerConfig, move_to
 
 
@@ -77,7 +78,7 @@ def dino_batches(args: argparse.Namespace) -> list:
 # --------------------------------------------------------------------------- reference steps
 def reference_mae(args: argparse.Namespace, data: list) -> float:
     """A bare MAE loop (He et al. reference code) on the same modules."""
-    mae = make_mae(args).train()
+    mae = make_mae(args).train().model
     vit = mae.encoder
     opt = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
     n, keep, npre = mae.num_patches, mae.num_keep, mae.num_prefix

@@ -7,16 +7,20 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from leukolab.checkpoints import CHECKPOINT_FORMAT, IMAGENET_MEAN, BackboneSpec
 from leukolab.errors import LeukolabError
-from leukolab.zoo.convert import (
+from leukolab.zoo import (
+    RELEASES,
     ConversionReport,
     build_vit_from_checkpoint,
     convert_checkpoint,
     convert_state_dict,
     detect_format,
+    get_release,
     infer_vit_config,
     load_converted_backbone,
     load_state_dict_file,
+    match_release,
 )
 
 DIM, DEPTH, HEADS = 64, 2, 2
@@ -108,13 +112,26 @@ def test_dinov2_round_trip_matches_resampled_source(chunks: int, images: torch.T
 
     ref = reference_at(source, 224, **kwargs)
     assert_same(target, ref, images)
-    assert "pos_embed: 37x37 -> 16x16" in report.resized
+    assert report.resized == ["pos_embed: 37x37 -> 16x16 (bicubic, antialias on)"]  # DINOv2's rule with registers
     assert "teacher.dino_head.mlp.0.weight" in report.dropped
     assert "teacher.dino_head.last_layer.weight_g" in report.dropped
     assert "teacher.backbone.mask_token" in report.dropped
     assert report.missing == []
     assert ("teacher.backbone.register_tokens", "reg_token") in report.mapped
     assert "dropped" in report.summary() and "37x37 -> 16x16" in report.summary()
+
+
+def test_dinov2_without_registers_uses_dinov2_interpolation(images: torch.Tensor) -> None:
+    """No registers: DINOv2's scale factor (n + 0.1) / 37 without antialiasing, not timm's resize."""
+    source = tiny_vit(518, init_values=1e-5)  # class position inside pos_embed, as DINOv2 stores it
+    sd = {**source.state_dict(), "mask_token": torch.zeros(1, DIM)}
+    target = tiny_vit(224, init_values=1e-5)
+    converted, report = convert_state_dict(sd, "dinov2", target)
+    assert report.resized == ["pos_embed: 37x37 -> 16x16 (bicubic, offset 0.1, antialias off)"]
+    grid = source.pos_embed[:, 1:].reshape(1, 37, 37, DIM).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic")
+    torch.testing.assert_close(converted["pos_embed"][:, 1:], want.flatten(2).transpose(1, 2), atol=0, rtol=0)
+    torch.testing.assert_close(converted["pos_embed"][:, :1], source.pos_embed[:, :1], atol=0, rtol=0)
 
 
 def test_dinov2_into_model_with_class_position(images: torch.Tensor) -> None:
@@ -147,11 +164,17 @@ def test_build_and_convert_checkpoint_file(tmp_path, images: torch.Tensor) -> No
     assert isinstance(report, ConversionReport)
 
     out = tmp_path / "converted" / "backbone.pt"
-    convert_checkpoint(src, out, None, 224, num_heads=HEADS)
+    report = convert_checkpoint(src, out, None, 224, num_heads=HEADS)
     saved = torch.load(out, map_location="cpu", weights_only=True)
-    assert saved["format"] == "dinov2" and saved["source"] == str(src)
-    assert saved["backbone_config"]["img_size"] == 224
-    rebuilt, _ = load_converted_backbone(out)
+    assert saved["format"] == CHECKPOINT_FORMAT and saved["source_format"] == "dinov2"
+    assert saved["source"] == str(src) and saved["task"] == "converted" and saved["release"] is None
+    assert "release: not a known release" in report.notes
+    assert saved["backbone"]["pos_embed"].shape == (1, 37 * 37, DIM)  # the original grid is kept
+    spec = BackboneSpec.from_dict(saved["backbone_spec"])
+    assert spec.img_size == 224 and spec.patch_size == 14 and spec.mean == IMAGENET_MEAN
+    assert spec.kwargs["reg_tokens"] == 4 and spec.kwargs["embed_dim"] == DIM and spec.crop_pct == 0.875
+    rebuilt, rebuilt_spec = load_converted_backbone(out)
+    assert rebuilt_spec == spec
     assert_same(rebuilt, ref, images)
 
     with pytest.raises(LeukolabError, match="already exists"):
@@ -208,7 +231,7 @@ def test_timm_checkpoint_with_other_grid(images: torch.Tensor) -> None:
     target.load_state_dict(converted, strict=True)
     ref = reference_at(source, 224, patch=16)
     assert_same(target, ref, images)
-    assert report.resized == ["pos_embed: 16x16 -> 14x14"]
+    assert report.resized == ["pos_embed: 16x16 -> 14x14 (bicubic, antialias on)"]
 
 
 def test_missing_block_is_refused() -> None:
@@ -255,3 +278,50 @@ def test_unknown_layout_and_bad_files(tmp_path) -> None:
         load_state_dict_file(broken)
     with pytest.raises(LeukolabError, match="does not exist"):
         convert_checkpoint(tmp_path / "nope.pth", tmp_path / "out.pt", None, 224)
+
+
+def test_release_table_and_matching() -> None:
+    assert set(RELEASES) == {
+        *(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")), *(f"dinobloom_{s}" for s in "sblg")
+    }
+    small = get_release("dinov2_vits14")
+    assert (small.embed_dim, small.depth, small.num_heads, small.img_size) == (384, 12, 6, 518)
+    assert (small.interpolate_antialias, small.interpolate_offset, small.crop_pct) == (False, 0.1, 0.875)
+    reg = get_release("dinov2_vitg14_reg")
+    assert reg.timm_name == "vit_giant_patch14_reg4_dinov2" and reg.ffn == "swiglu" and reg.interpolate_offset == 0
+    bloom = get_release("dinobloom_b")
+    assert bloom.img_size == 224 and bloom.crop_pct == 1.0 and bloom.timm_name == "vit_base_patch14_dinov2"
+    config = {"embed_dim": 384, "depth": 12, "patch_size": 14, "img_size": 224, "reg_tokens": 0,
+              "mlp_layer": "mlp", "init_values": 1e-5, "class_token": True}
+    assert match_release(config) is get_release("dinobloom_s")  # DinoBloom-S: DINOv2-S with a 16x16 grid
+    assert match_release({**config, "img_size": 518}) is small
+    assert match_release({**config, "depth": 6}) is None
+    spec = bloom.spec()
+    assert spec.name == "vit_base_patch14_dinov2" and spec.img_size == 224 and spec.interpolate_offset == 0.1
+    with pytest.raises(LeukolabError, match="unknown release 'dinov3'"):
+        get_release("dinov3")
+
+
+def test_release_timm_names_build_the_release_architecture() -> None:
+    """Each release's timm model has its width, depth, heads, registers and MLP (built on the meta device)."""
+    import timm
+
+    for release in RELEASES.values():
+        with torch.device("meta"):
+            model = timm.create_model(release.timm_name, pretrained=False, num_classes=0, img_size=224)
+        assert model.embed_dim == release.embed_dim and len(model.blocks) == release.depth, release.name
+        assert model.blocks[0].attn.num_heads == release.num_heads and model.num_reg_tokens == release.reg_tokens
+        hidden = model.blocks[0].mlp.fc2.in_features
+        assert hidden == (4096 if release.ffn == "swiglu" else 4 * release.embed_dim), release.name
+
+
+def test_pickled_source_needs_allow_pickle(tmp_path) -> None:
+    source = tiny_vit(224, patch=16)
+    src = tmp_path / "pickled.pth"
+    torch.save({"model": source.state_dict(), "args": ConversionReport()}, src)  # a pickled Python object
+    with pytest.raises(LeukolabError, match=r"pickled Python objects.*--allow-pickle"):
+        load_state_dict_file(src)
+    with pytest.raises(LeukolabError, match="pickled Python objects"):
+        convert_checkpoint(src, tmp_path / "out.pt", None, 224)
+    assert not (tmp_path / "out.pt").exists()
+    assert set(load_state_dict_file(src, allow_pickle=True)) == set(source.state_dict())

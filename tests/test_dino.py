@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,8 +14,12 @@ from leukolab.data.dataset import ImageDataset
 from leukolab.data.multicrop import MultiCropTransform
 from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
+from leukolab.errors import LeukolabError
 from leukolab.models.backbones import create_backbone
-from leukolab.objectives.dino import DINOObjective, cosine_momentum, koleo_loss
+from leukolab.models.dino import DINOConfig
+from leukolab.models.ema import cosine_momentum
+from leukolab.objectives.dino import DINOObjective
+from leukolab.training.loop import Trainer, TrainerConfig
 
 TINY = {"patch_size": 8, "depth": 2}
 
@@ -59,20 +64,21 @@ def test_teacher_is_the_ema_of_the_student_after_a_step(batch: list) -> None:
     assert cosine_momentum(0, 10, 0.996) == pytest.approx(0.996) and cosine_momentum(10, 10, 0.996) == 1.0
 
 
-def test_centre_is_an_ema_of_the_teacher_outputs(batch: list) -> None:
+def test_centre_is_an_ema_of_the_teacher_outputs(batch: list, tmp_path: Path) -> None:
     dino = _dino(center_momentum=0.9)
+    center = dino.criterion.center
     views, _ = batch
     with torch.no_grad():
         _, t_out = dino.teacher(views[:2])
-    assert torch.count_nonzero(dino.center) == 0
+    assert torch.count_nonzero(center) == 0
     dino.training_step(batch)
-    assert torch.allclose(dino.center, 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
-    first = dino.center.clone()
+    assert torch.allclose(center, 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
+    first = center.clone()
     dino.training_step(batch)
-    assert torch.allclose(dino.center, 0.9 * first + 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(center, 0.9 * first + 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
     # validation leaves the centre alone
-    dino.validate([batch], torch.device("cpu"))
-    assert torch.allclose(dino.center, 0.9 * first + 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
+    Trainer(dino, TrainerConfig(progress=False, device="cpu"), tmp_path).validate([batch])
+    assert torch.allclose(dino.criterion.center, 0.9 * first + 0.1 * t_out.mean(0, keepdim=True), atol=1e-6)
 
 
 def test_teacher_temperature_warms_up_and_prototypes_freeze() -> None:
@@ -85,6 +91,7 @@ def test_teacher_temperature_warms_up_and_prototypes_freeze() -> None:
     assert dino.current_teacher_temp() == pytest.approx(0.07)
 
 
+@pytest.mark.slow
 def test_loss_falls_over_a_few_steps(batch: list) -> None:
     dino = _dino(koleo_weight=0.1)
     opt = torch.optim.AdamW([p for p in dino.parameters() if p.requires_grad], 1e-3)
@@ -100,19 +107,29 @@ def test_loss_falls_over_a_few_steps(batch: list) -> None:
     assert losses[-1] < losses[0], losses
 
 
-def test_validation_is_repeatable_and_does_not_touch_the_global_rng(batch: list) -> None:
+def test_validation_is_repeatable_and_does_not_touch_the_global_rng(batch: list, tmp_path: Path) -> None:
     dino = _dino()
+    trainer = Trainer(dino, TrainerConfig(progress=False, device="cpu"), tmp_path)
+
+    class RandomViews:  # a loader whose views are drawn from the global generator, like multi-crop
+        def __iter__(self):
+            views, y = batch
+            yield [v + 0.1 * torch.randn_like(v) for v in views], y
+
     state = torch.get_rng_state()
-    a = dino.validate([batch], torch.device("cpu"))
-    b = dino.validate([batch], torch.device("cpu"))
-    assert a == b and a["val_loss"] > 0
+    a = trainer.validate(RandomViews())
+    b = trainer.validate(RandomViews())
+    assert a == b and set(a) == {"val_loss", "val_teacher_entropy"} and a["val_loss"] > 0
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_koleo_rewards_spread() -> None:
-    tight = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.98, 0.02]])
-    spread = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    assert koleo_loss(spread) < koleo_loss(tight)
+def test_options_are_checked_once_in_their_config() -> None:
+    with pytest.raises(LeukolabError, match=r"teacher momentum 1\.5"):
+        DINOConfig(momentum=1.5)
+    with pytest.raises(LeukolabError, match="local crop size 12 is not a multiple"):
+        _dino(local_size=12)
+    with pytest.raises(LeukolabError, match="local crops -1 must be >= 0"):
+        _dino(local_crops=-1).transforms()
 
 
 def test_export_is_the_teacher_backbone_in_timm_naming(batch: list) -> None:
@@ -129,6 +146,7 @@ def test_export_is_the_teacher_backbone_in_timm_naming(batch: list) -> None:
     assert not torch.equal(sd["cls_token"], dino.student.backbone.cls_token)
     timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **kw).load_state_dict(sd)
     assert dino.checkpoint_extras()["task"] == "pretrain-dino"
+    assert dino.backbone_spec().kwargs == kw and "dynamic_img_size" not in dino.backbone_spec().kwargs
 
 
 def test_convnet_backbone_works_without_registers(batch: list) -> None:

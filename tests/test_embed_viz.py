@@ -12,13 +12,16 @@ import timm
 import torch
 from PIL import Image
 
-import leukolab.cli.cmd_embed  # noqa: F401 - registers the commands
+from leukolab.checkpoints import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from leukolab.cli.main import main
+from leukolab.data.embed import collect_sources, load_image_batch
 from leukolab.data.synthetic import make_wbc_dataset
 from leukolab.data.transforms import denormalise
+from leukolab.errors import LeukolabError
 from leukolab.evaluation.attention import attention_maps, attention_weights, last_block_attention, pca_rgb
 from leukolab.evaluation.features import FeatureSet, load_features, save_features
-from leukolab.pipelines.embed import load_image_batch, load_model_for_embedding, pool_features
+from leukolab.models.loading import load_any_backbone
+from leukolab.models.tokens import pool_features
 
 VIT = "vit_tiny_patch16_224"
 KW = {"patch_size": 8, "depth": 2, "reg_tokens": 2}
@@ -70,15 +73,15 @@ def test_every_checkpoint_layout_gives_the_same_backbone(files: dict[str, Path],
     ref = None
     for path, img_size, kind in [(files["pre"], None, "pretrain"), (files["cls"], None, "classification"),
                                  (conv, None, "converted"), (files["raw"], 32, "raw")]:
-        model, size, meta = load_model_for_embedding(path, img_size)
-        assert size == 32 and meta["kind"] == kind and meta["vit"] and meta["num_reg_tokens"] == 2
+        loaded = load_any_backbone(path, img_size)
+        assert loaded.img_size == 32 and loaded.kind == kind and loaded.vit and loaded.num_reg_tokens == 2
         with torch.no_grad():
-            emb = pool_features(model, x, "both")
+            emb = pool_features(loaded.model, x, "both")
         ref = emb if ref is None else ref
         torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
     # another image size: position embedding resampled, still a working model
-    model, size, meta = load_model_for_embedding(files["pre"], 48)
-    assert size == 48 and model.patch_embed.grid_size == (6, 6) and meta["notes"]
+    loaded = load_any_backbone(files["pre"], 48)
+    assert loaded.img_size == 48 and loaded.model.patch_embed.grid_size == (6, 6) and loaded.notes
 
 
 def test_external_weights_get_imagenet_normalisation(files: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -86,8 +89,8 @@ def test_external_weights_get_imagenet_normalisation(files: dict[str, Path], tmp
     assert run_cli(["convert", files["raw"], "--img-size", 32, "--out", conv], capsys)[0] == 0
     expected = {files["pre"]: "leukolab", files["cls"]: "leukolab", conv: "imagenet", files["raw"]: "imagenet"}
     for path, norm in expected.items():
-        assert load_model_for_embedding(path, 32)[2]["normalisation"] == norm
-    assert load_model_for_embedding(conv, 32, norm="leukolab")[2]["normalisation"] == "leukolab"
+        assert load_any_backbone(path, 32).normalisation == norm
+    assert load_any_backbone(conv, 32, norm="leukolab").normalisation == "leukolab"
     paths = sorted((files["data"] / "monocyte").glob("*.png"))[:2]
     a, b = load_image_batch(paths, 32), load_image_batch(paths, 32, "imagenet")
     assert not torch.allclose(a, b)
@@ -115,7 +118,7 @@ def test_embed_writes_one_row_per_image(files: dict[str, Path], tmp_path: Path, 
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in fs.paths)
     assert all(Path(p).parent.name == label for p, label in zip(fs.paths, fs.labels, strict=True))
     if pool == "both":  # cls half and mean half match the single poolings
-        model, _, _ = load_model_for_embedding(files["pre"])
+        model = load_any_backbone(files["pre"]).model
         x = load_image_batch(fs.paths[:3], 32)
         with torch.no_grad():
             tokens = model.forward_features(x)
@@ -143,7 +146,7 @@ def test_embed_random_init_keeps_the_architecture_but_not_the_weights(
 
 
 def test_embed_layer_and_final_norm_pick_the_tokens(files: dict[str, Path], tmp_path: Path, capsys) -> None:
-    model, _, _ = load_model_for_embedding(files["pre"])
+    model = load_any_backbone(files["pre"]).model
     x = load_image_batch(sorted((files["data"] / "basophil").glob("*.png"))[:3], 32)
     with torch.no_grad():
         tokens = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(x))))
@@ -172,6 +175,58 @@ def test_embed_unlabelled_folder_and_several_sources(files: dict[str, Path], tmp
     fs = load_features(out)
     assert fs.labels is None and len(fs) == 2 * N_PER_CLASS
     assert fs.extra["source"].tolist() == ["basophil"] * N_PER_CLASS + ["monocyte"] * N_PER_CLASS
+
+
+def test_csv_sources_labelled_unlabelled_and_split(files: dict[str, Path], tmp_path: Path) -> None:
+    images = sorted((files["data"] / "lymphocyte").glob("*.png"))[:4]
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "sub").mkdir()
+    for p in images:
+        (tmp_path / "imgs" / p.name).write_bytes(p.read_bytes())
+    plain = tmp_path / "sub" / "plain.csv"  # paths only, relative to the CSV's folder: unlabelled
+    pd.DataFrame({"path": [f"../imgs/{p.name}" for p in images]}).to_csv(plain, index=False)
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"path": [str(p) for p in images], "label": ["x", "y", "x", "y"],
+                  "split": ["train", "train", "test", "test"]}).to_csv(split, index=False)
+    table = collect_sources(plain)
+    assert table.labels is None and [p.resolve() for p in table.paths] == [tmp_path / "imgs" / p.name for p in images]
+    assert table.extra["source"].tolist() == ["plain"] * 4
+    table = collect_sources([split, files["data"] / "basophil"], labels=True)
+    assert table.labels is None  # one source is unlabelled, so the whole set is
+    table = collect_sources([split, files["data"]])
+    assert table.labels is not None and table.labels[:4] == ["x", "y", "x", "y"]
+    assert table.extra["split"].tolist() == ["train", "train", "test", "test"] + ["all"] * 5 * N_PER_CLASS
+    assert table.extra["source"].tolist()[:5] == ["split"] * 4 + [files["data"].name]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,x\n")
+    with pytest.raises(LeukolabError, match=r"missing column\(s\) path; expected columns path\[,label"):
+        collect_sources(bad)
+
+
+def test_backbone_spec_gives_the_input_normalisation(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    sd = tiny_vit().state_dict()
+    mean, std = (0.6, 0.5, 0.4), (0.2, 0.3, 0.25)
+    for name, m, s in (("imnet", IMAGENET_MEAN, IMAGENET_STD), ("own", mean, std)):
+        spec = BackboneSpec(VIT, dict(KW), img_size=32, patch_size=8, mean=m, std=s)
+        torch.save({"backbone": sd, "backbone_spec": spec.to_dict(), "task": "pretrain-mae"}, tmp_path / f"{name}.pt")
+    assert load_any_backbone(tmp_path / "imnet.pt").normalisation == "imagenet"
+    loaded = load_any_backbone(tmp_path / "own.pt")
+    assert loaded.kind == "pretrain-mae" and loaded.img_size == 32 and loaded.num_reg_tokens == 2
+    assert loaded.normalisation == (mean, std)
+    out = tmp_path / "own.npz"
+    code, stdout, err = run_cli(["embed", tmp_path / "own.pt", files["data"] / "basophil", "--out", out,
+                                 "--no-progress"], capsys)
+    assert code == 0, err
+    assert "mean (0.6, 0.5, 0.4) std (0.2, 0.3, 0.25) normalisation" in stdout
+    fs = load_features(out)
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                          for p in fs.paths[:3]]).float() / 255
+    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = pool_features(loaded.model, x, "cls")
+    np.testing.assert_allclose(fs.features[:3], expected.numpy(), atol=1e-4)
+    # --norm still wins over the checkpoint's statistics
+    assert load_any_backbone(tmp_path / "own.pt", norm="leukolab").normalisation == "leukolab"
 
 
 # ----------------------------------------------------------------------------- attention
@@ -264,6 +319,8 @@ def test_probe_cli_prints_table_and_writes_files(tmp_path: Path, capsys) -> None
     per_fold = pd.read_csv(folder / "probe.csv")
     assert len(per_fold) == 3 * 3 and set(per_fold["fold"]) == {0, 1, 2}
     assert "| linear probe |" in (folder / "probe.md").read_text()
+    summary = pd.read_csv(folder / "probe_summary.csv", index_col="method")
+    assert summary.index.tolist() == ["1-NN", "20-NN", "linear probe"]
     # a fixed split from the split column; the folder is uniquified
     code, out, err = run_cli(["probe", feats, "--train", "train", "--test", "test", "--no-progress"], capsys)
     assert code == 0, err
@@ -308,6 +365,10 @@ def bad_inputs(files: dict[str, Path]) -> dict[str, Path]:
         (["viz", "umap", "{few}", "--method", "mds"], "--method 'mds'"),
         (["convert", "{raw}", "--img-size", "30", "--out", "{tmp}/c.pt"], "not a multiple"),
         (["convert", "{raw}", "--format", "onnx", "--out", "{tmp}/c.pt"], "unknown checkpoint format"),
+        (["convert", "{raw}", "--img-size", "32", "--release", "dinov2_vits15", "--out", "{tmp}/c.pt"],
+         "unknown release 'dinov2_vits15'"),
+        (["convert", "{raw}", "--img-size", "32", "--release", "dinobloom_s", "--out", "{tmp}/c.pt"],
+         "architecture differs"),
         (["report", "{root}/no-run"], "does not exist"),
     ],
 )

@@ -1,4 +1,4 @@
-"""MAE objective: exact masking, a falling loss, visible patches learnt, timm-named export."""
+"""MAE: exact masking, a falling loss, visible patches learnt, timm-named export, the reconstruction figure."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
 from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
+from leukolab.evaluation.reconstructions import ReconstructionFigure, reconstruct
 from leukolab.models.backbones import create_backbone
-from leukolab.objectives.mae import MAEObjective, patchify, unpatchify
+from leukolab.models.mae import MAEConfig, patchify, unpatchify
+from leukolab.objectives.mae import MAEObjective
+from leukolab.registry import PRETRAIN_METHODS
+from leukolab.training.loop import Trainer, TrainerConfig
 
 TINY = {"patch_size": 8, "depth": 2}
 
@@ -32,7 +36,7 @@ def _batch(pool: Path, n: int, size: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize(("ratio", "kept"), [(0.75, 4), (0.5, 8), (0.25, 12), (0.6, 6), (0.9, 2)])
 def test_masking_keeps_exactly_the_requested_share(ratio: float, kept: int) -> None:
     torch.manual_seed(0)
-    mae = MAEObjective("vit_tiny_patch16_224", 32, {**TINY, "reg_tokens": 2}, mask_ratio=ratio)
+    mae = MAEObjective("vit_tiny_patch16_224", 32, {**TINY, "reg_tokens": 2}, mask_ratio=ratio).model
     assert mae.num_patches == 16 and mae.num_keep == kept == round(16 * (1 - ratio))
     ids_keep, ids_restore, mask = mae.random_masking(5, torch.device("cpu"))
     assert ids_keep.shape == (5, kept)
@@ -41,7 +45,7 @@ def test_masking_keeps_exactly_the_requested_share(ratio: float, kept: int) -> N
         assert sorted(ids_keep[row].tolist()) == torch.nonzero(mask[row] == 0).flatten().tolist()
     assert torch.equal(torch.gather(ids_restore.argsort(1), 1, ids_restore), torch.arange(16).expand(5, -1))
     # the encoder sees only the visible patches plus the class and register tokens
-    assert mae.encode(torch.randn(5, 3, 32, 32), ids_keep).shape == (5, 1 + 2 + kept, 192)
+    assert mae.forward_encoder(torch.randn(5, 3, 32, 32), ids_keep).shape == (5, 1 + 2 + kept, 192)
 
 
 def test_patchify_roundtrip_and_order() -> None:
@@ -55,11 +59,15 @@ def test_patchify_roundtrip_and_order() -> None:
 def test_bad_mask_ratio_and_non_vit_are_refused() -> None:
     for ratio in (0.0, 1.0, 1.5):
         with pytest.raises(LeukolabError, match="outside"):
-            MAEObjective("vit_tiny_patch16_224", 32, TINY, mask_ratio=ratio)
+            MAEConfig(mask_ratio=ratio)
+        with pytest.raises(LeukolabError, match="outside"):  # the objective checks it through its config
+            PRETRAIN_METHODS.build("mae", backbone="vit_tiny_patch16_224", img_size=32, backbone_kwargs=TINY,
+                                   mask_ratio=ratio)
     with pytest.raises(LeukolabError, match="Vision Transformer"):
         MAEObjective("resnet10t", 32)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_tiny_pool(pool: Path) -> None:
     torch.manual_seed(0)
     x = _batch(pool, 16)
@@ -75,6 +83,7 @@ def test_loss_falls_on_a_tiny_pool(pool: Path) -> None:
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
 
 
+@pytest.mark.slow
 def test_visible_patches_are_reconstructed_after_overfitting_one_batch(pool: Path) -> None:
     torch.manual_seed(0)
     x = _batch(pool, 2, size=16)
@@ -82,17 +91,17 @@ def test_visible_patches_are_reconstructed_after_overfitting_one_batch(pool: Pat
                        norm_pix_loss=False, visible_loss_weight=10.0)
     opt = torch.optim.Adam([p for p in mae.parameters() if p.requires_grad], 1e-3)
     for _ in range(150):
-        loss, _, _, logs = mae(x)
+        loss, logs = mae.loss(x)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    _, pred, mask, _ = mae(x)
+    pred, mask = mae.model(x)
     err = ((pred - patchify(x, 8)) ** 2).mean(-1)
     visible_mse = (err * (1 - mask)).sum() / (1 - mask).sum()
     assert visible_mse.item() < 0.05 * x.var().item(), logs
     # the figure's reconstruction pastes the visible patches back unchanged
-    original, masked, recon = mae.reconstruct(x, seed=3)
-    _, _, mask, _ = mae(x, torch.Generator().manual_seed(3))  # the same masks
+    original, masked, recon = reconstruct(mae.model, x, seed=3)
+    _, mask = mae.model(x, torch.Generator().manual_seed(3))  # the same masks
     keep = unpatchify((1 - mask)[..., None].expand(-1, -1, 192), 8, (2, 2)).bool()
     assert torch.allclose(recon[keep], original[keep], atol=1e-6)
     assert not torch.allclose(masked, original)
@@ -106,21 +115,30 @@ def test_export_is_the_encoder_in_timm_naming() -> None:
     timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **kw).load_state_dict(sd)
     extras = mae.checkpoint_extras()
     assert extras["task"] == "pretrain-mae" and extras["registers"] == 4 and extras["backbone_kwargs"] == kw
+    spec = mae.backbone_spec()
+    assert (spec.name, spec.kwargs, spec.img_size, spec.patch_size) == ("vit_tiny_patch16_224", kw, 32, 8)
 
 
-def test_validation_loss_is_repeatable(pool: Path) -> None:
+def test_validation_loss_is_repeatable(pool: Path, tmp_path: Path) -> None:
     x = _batch(pool, 8)
     mae = MAEObjective("vit_tiny_patch16_224", 32, TINY)
+    trainer = Trainer(mae, TrainerConfig(progress=False, device="cpu"), tmp_path)
     loader = [(x[:4], None), (x[4:], None)]
-    a = mae.validate(loader, torch.device("cpu"))
-    b = mae.validate(loader, torch.device("cpu"))
-    assert a == b and a["val_loss"] > 0
+    a = trainer.validate(loader)
+    b = trainer.validate(loader)
+    assert a == b and set(a) == {"val_loss"} and a["val_loss"] > 0
+    # the same masks every validation, not the same mask for every batch
+    first = mae.validation_step(loader[0])
+    assert mae.validation_step(loader[0])["loss"] != first["loss"]
 
 
+@pytest.mark.slow
 def test_reconstructions_png_keeps_the_last_epochs(pool: Path, tmp_path: Path) -> None:
     mae = MAEObjective("vit_tiny_patch16_224", 32, TINY)
-    mae.set_preview(_batch(pool, 8))
+    figure = ReconstructionFigure(mae.model, _batch(pool, 8))
     for epoch in range(1, 7):
-        mae.on_epoch_end(epoch, tmp_path, torch.device("cpu"))
+        figure(epoch, tmp_path)
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
-    assert [e for e, _ in mae._panels] == [3, 4, 5, 6]
+    assert [e for e, _ in figure.panels] == [3, 4, 5, 6]
+    # three rows (original, masked, reconstruction) of 8 images per epoch
+    assert figure.panels[0][1].shape == (3 * (32 + 2), 8 * (32 + 2), 3)

@@ -12,11 +12,12 @@ import torch
 import yaml
 from PIL import Image
 
-import leukolab.cli.cmd_pretrain  # noqa: F401 - registers the command
+import leukolab.cli.pretrain  # noqa: F401 - registers the command
+from leukolab.checkpoints import CHECKPOINT_FORMAT, load_checkpoint
 from leukolab.cli.main import main
 from leukolab.data.synthetic import make_pool
 from leukolab.models.backbones import create_backbone
-from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights, read_checkpoint
+from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.pipelines.pretrain import collect_images, split_pool
 
 TINY_CONFIG = {
@@ -52,19 +53,21 @@ def _run_dir(out: str) -> Path:
 
 def _check_backbone_roundtrip(run: Path, registers: int) -> dict:
     spec = checkpoint_backbone_spec(run)
-    assert spec["backbone"] == "vit_tiny_patch16_224" and spec["img_size"] == 32
-    assert spec["backbone_kwargs"] == {"patch_size": 8, "depth": 2, "reg_tokens": registers}
-    model = create_backbone(spec["backbone"], spec["img_size"], **spec["backbone_kwargs"])
+    kwargs = {"patch_size": 8, "depth": 2, "reg_tokens": registers}
+    assert (spec.name, spec.img_size, spec.patch_size, spec.kwargs) == ("vit_tiny_patch16_224", 32, 8, kwargs)
+    model = create_backbone(spec.name, spec.img_size, **spec.kwargs)
     report = load_backbone_weights(model, run)
     assert set(report["loaded"]) == set(model.state_dict()) and not report["ignored"]
-    ckpt = read_checkpoint(run / "best.pt")
-    timm.create_model(spec["backbone"], pretrained=False, num_classes=0, img_size=32,
-                      **spec["backbone_kwargs"]).load_state_dict(ckpt["backbone"])
+    ckpt = load_checkpoint(run / "best.pt")  # plain data: weights_only=True
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["backbone_spec"]["kwargs"] == kwargs
+    timm.create_model(spec.name, pretrained=False, num_classes=0, img_size=32, **spec.kwargs).load_state_dict(
+        ckpt["backbone"])
     assert torch.equal(model.state_dict()["reg_token"], ckpt["backbone"]["reg_token"])
     assert ckpt["registers"] == registers
     return ckpt
 
 
+@pytest.mark.slow
 def test_mae_run_checkpoint_and_resume(pool: Path, tiny_yaml: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(["pretrain", str(pool), "--method", "mae", "--config", str(tiny_yaml), "--epochs", "2",
@@ -92,6 +95,7 @@ def test_mae_run_checkpoint_and_resume(pool: Path, tiny_yaml: Path, tmp_path: Pa
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dino_run_exports_the_teacher(pool: Path, tiny_yaml: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(["pretrain", str(pool), "--method", "dino", "--config", str(tiny_yaml), "--epochs", "1",

@@ -12,6 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from leukolab.errors import LeukolabError
 from leukolab.evaluation import probe
 from leukolab.evaluation.features import FeatureSet, load_features, save_features
+from leukolab.evaluation.manifest import read_manifest
 from leukolab.evaluation.probe import (
     METRICS,
     cross_validate_probes,
@@ -21,6 +22,7 @@ from leukolab.evaluation.probe import (
     probe_metrics,
     summarise,
     to_markdown,
+    write_probe_tables,
 )
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
@@ -230,6 +232,19 @@ def test_probe_metrics_and_summary_table() -> None:
     assert md[0] == "| method | " + " | ".join(METRICS) + " |"
     assert md[1].startswith("| --- |") and md[1].count("---:") == len(METRICS)
     assert md[2].startswith("| 1-NN | 86.6 (± 0.5) |") and len(md) == 4
+
+
+def test_probe_tables_are_written_and_listed_in_the_manifest(tmp_path) -> None:
+    results = cross_validate_probes(make_features(n_per_class=12), folds=3, ks=(1,), Cs=(1.0,), progress=False)
+    md = write_probe_tables(results, tmp_path)
+    assert [(a.path, a.kind) for a in read_manifest(tmp_path)] == [("probe.csv", "table"),
+                                                                   ("probe_summary.csv", "table")]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "probe.csv"), results, check_dtype=False)
+    summary = pd.read_csv(tmp_path / "probe_summary.csv", index_col="method")
+    assert summary.loc["linear probe", "accuracy"] == summarise(results).loc["linear probe", "accuracy"]
+    assert md.splitlines()[0] == "| method | " + " | ".join(METRICS) + " |"
+    with pytest.raises(LeukolabError, match="already exists"):
+        write_probe_tables(results, tmp_path)
 
 
 # ----------------------------------------------------------------------------- files

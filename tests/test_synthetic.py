@@ -267,3 +267,34 @@ def test_make_pool_refuses(tmp_path: Path) -> None:
     with pytest.raises(LeukolabError, match="not empty"):
         make_pool(tmp_path / "full", n=2, size=16, progress=False)
     assert (tmp_path / "full" / "x.png").read_bytes() == b"x"
+
+
+# ----------------------------------------------------------------------------------------------
+# package internals shared by the crop and smear renderers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rectangular_fields_extend_the_square_ones() -> None:
+    from leukolab.data.synthetic.raster import coords, fourier_field
+
+    np.testing.assert_allclose(coords(5), [-0.8, -0.4, 0.0, 0.4, 0.8])
+    np.testing.assert_allclose(coords(3, 6), [-1 / 3, 0.0, 1 / 3])  # same pixel pitch as a 6-pixel side
+    square = fourier_field(np.random.default_rng(1), 24, 3, 2.0)
+    same = fourier_field(np.random.default_rng(1), 24, 3, 2.0, width=24)
+    np.testing.assert_array_equal(square, same)
+    wide = fourier_field(np.random.default_rng(1), 12, 3, 2.0, width=24)
+    assert wide.shape == (12, 24)
+    np.testing.assert_allclose(wide, square[6:18], atol=1e-5)  # the central rows of the square field
+
+
+def test_cell_layer_is_the_cell_that_render_cell_draws() -> None:
+    """Without a backdrop the layer is zero outside the cell and covers exactly render_cell's mask."""
+    from leukolab.data.synthetic.cells import cell_layer
+
+    for label in WBC_CLASSES:
+        layer, cover = cell_layer(label, 48, np.random.default_rng(3), 0.5, backdrop=False)
+        _, mask = render_cell(label, 48, np.random.default_rng(3), 0.5)
+        assert layer.shape == (48, 48, 3) and cover.shape == (48, 48)
+        assert np.array_equal(cover >= 0.5, mask)
+        assert np.abs(layer[cover == 0]).max() == 0.0
+        assert layer[mask].mean() > 0.1  # stained: positive optical density inside

@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 
+from leukolab.checkpoints import CHECKPOINT_FORMAT, load_checkpoint
 from leukolab.pipelines import classify
 from leukolab.pipelines.classify import evaluate_run, predict_images, train_classifier
 from leukolab.training.loop import Trainer
 
 
+@pytest.mark.slow
 def test_training_run_writes_its_folder_loss_falls_and_beats_chance(tiny_run: Path) -> None:
     for name in ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.csv", "curves.png"):
         assert (tiny_run / name).is_file(), name
@@ -24,11 +26,18 @@ def test_training_run_writes_its_folder_loss_falls_and_beats_chance(tiny_run: Pa
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["model"]["backbone"] == "resnet10t" and cfg["train"]["epochs"] == 4
     assert len(list((tiny_run / "checkpoints").glob("epoch_*.pt"))) == 1  # keep_last=1
-    ckpt = torch.load(tiny_run / "best.pt", weights_only=False)
+    ckpt = load_checkpoint(tiny_run / "best.pt")  # plain data: loads with weights_only=True
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["task"] == "classification"
     assert ckpt["class_names"] == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
     assert "optimizer" not in ckpt and ckpt["backbone"]
+    spec = ckpt["backbone_spec"]
+    assert spec["name"] == "resnet10t" and spec["img_size"] == 32 and spec["patch_size"] is None
+    assert set(ckpt["backbone"]) == set(classify.build_model(cfg, 5).backbone.state_dict())
+    last = load_checkpoint(tiny_run / "last.pt")
+    assert last["epoch"] == 4 and {"optimizer", "scheduler", "rng"} <= set(last)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_predictions_and_plots(tiny_run: Path) -> None:
     out = evaluate_run(tiny_run, show_progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -45,12 +54,22 @@ def test_evaluate_writes_metrics_predictions_and_plots(tiny_run: Path) -> None:
     assert out2 != out and (out / "metrics.json").is_file()
 
 
-def test_predict_gives_a_probability_row_per_image(tiny_run: Path, wbc_small: Path) -> None:
-    table = predict_images(tiny_run, [wbc_small / "lymphocyte"])
-    assert len(table) == 30
-    assert set(table["predicted"]) <= {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+@pytest.mark.slow
+def test_predict_agrees_with_the_labels_of_the_runs_test_images(tiny_run: Path, wbc_small: Path) -> None:
+    assert len(predict_images(tiny_run, [wbc_small / "lymphocyte"])) == 30  # a folder: one row per image
+    splits = pd.read_csv(tiny_run / "splits.csv")
+    test = splits[splits["split"] == "test"]
+    table = predict_images(tiny_run, [Path(p) for p in test["path"]])
+    assert list(table["path"]) == list(test["path"])
+    prob_cols = [c for c in table.columns if c.startswith("prob_")]
+    assert table[prob_cols].sum(axis=1).sub(1).abs().max() < 1e-4
+    accuracy = (table["predicted"].to_numpy() == test["label"].to_numpy()).mean()
+    assert accuracy > 0.3 and table["predicted"].nunique() > 1  # chance is 0.2 for 5 classes
+    # the predicted class is the most probable one
+    assert (table[prob_cols].idxmax(axis=1).str.removeprefix("prob_") == table["predicted"]).all()
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path, tiny_overrides: Callable[..., dict]) -> None:
     over = tiny_overrides(wbc_small, **{"train.epochs": 1, "data.label_fraction": 0.5})
     a = train_classifier(tmp_path, overrides=over)
@@ -61,6 +80,7 @@ def test_same_seed_same_metrics(wbc_small: Path, tmp_path: Path, tiny_overrides:
     assert (a / "splits.csv").read_text() == (b / "splits.csv").read_text()
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(
     wbc_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_overrides: Callable[..., dict]
 ) -> None:

@@ -35,6 +35,10 @@ CHECKPOINT_FORMAT = "leukolab-checkpoint-v2"
 #: prefixes that wrappers (DDP, objectives, SSL frameworks) put in front of backbone keys, stripped in this order
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "teacher.", "student.", "model.", "encoder.")
 
+#: entries that hold a state dict inside a checkpoint, most preferred first: leukolab's ``backbone``, then the
+#: DINO teacher (the EMA model that is evaluated, preferred over the student) and the usual trainer containers
+CONTAINER_KEYS = ("backbone", "teacher", "state_dict", "model", "model_ema", "module", "encoder", "student")
+
 #: leukolab's own normalisation (the synthetic and most WBC sets) and ImageNet's (released weights)
 LEUKOLAB_MEAN = (0.5, 0.5, 0.5)
 LEUKOLAB_STD = (0.25, 0.25, 0.25)
@@ -55,6 +59,15 @@ class BackboneSpec:
         patch_size: ViT patch size (None for CNNs).
         mean: per-channel input mean.
         std: per-channel input standard deviation.
+        crop_pct: evaluation preprocessing, timm's ``crop_pct``: 1.0 resizes the whole image to
+            ``img_size`` (leukolab's ``eval_transform``); below 1 the short side is resized to
+            ``img_size / crop_pct`` and the centre ``img_size`` square kept (DINOv2 and ImageNet
+            models: 0.875, i.e. resize 256 and crop 224).
+        interpolation: the resize interpolation of that preprocessing (``bilinear`` or ``bicubic``).
+        interpolate_antialias: how the position grid is resampled for another image size
+            (:func:`leukolab.models.pos_embed.resample_grid`): antialias when shrinking.
+        interpolate_offset: 0 resamples to the exact grid (timm); DINOv2 releases without
+            registers use a scale factor ``(new + 0.1) / old`` (its ``interpolate_offset``).
     """
 
     name: str
@@ -63,6 +76,10 @@ class BackboneSpec:
     patch_size: int | None = None
     mean: tuple[float, ...] = LEUKOLAB_MEAN
     std: tuple[float, ...] = LEUKOLAB_STD
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    interpolate_antialias: bool = True
+    interpolate_offset: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint."""
@@ -79,6 +96,10 @@ class BackboneSpec:
             patch_size=int(d["patch_size"]) if d.get("patch_size") else None,
             mean=tuple(float(v) for v in d.get("mean") or LEUKOLAB_MEAN),
             std=tuple(float(v) for v in d.get("std") or LEUKOLAB_STD),
+            crop_pct=float(d.get("crop_pct") or 1.0),
+            interpolation=str(d.get("interpolation") or "bilinear"),
+            interpolate_antialias=bool(d.get("interpolate_antialias", True)),
+            interpolate_offset=float(d.get("interpolate_offset") or 0.0),
         )
 
 
@@ -171,3 +192,27 @@ def strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
                 out = {k[len(prefix):]: v for k, v in out.items()}
                 changed = True
     return out
+
+
+def tensors_of(obj: Any) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` state dict inside a loaded checkpoint ({} when there is none).
+
+    Descends through :data:`CONTAINER_KEYS` until a dict holds tensors itself
+    (``{"teacher": {...}}``, ``{"model": {...}}``, leukolab's ``{"backbone": {...}}``);
+    entries that are not tensors (epoch counters, configs) are left out. A
+    pickled ``nn.Module`` (only read with ``allow_pickle``) gives its state dict.
+    Wrapper prefixes stay; see :func:`strip_wrappers`.
+    """
+    for _ in range(8):
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            return {}
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        inner = [obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), torch.nn.Module) or (
+            isinstance(obj.get(k), Mapping) and obj[k])]
+        if not inner:
+            return {}
+        obj = inner[0]
+    return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -12,16 +13,15 @@ try:
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_exc
 
-from leukolab.cli import (  # noqa: F401 - each module registers its commands
-    cmd_classify,
-    cmd_demo,
-    cmd_embed,
-    cmd_experiment,
-    cmd_pretrain,
-    cmd_synth,
-)
 from leukolab.cli.app import app
 from leukolab.errors import EXIT_USER_ERROR, LeukolabError
+
+#: the command modules (``cli/<name>.py``), in the order ``leukolab --help`` lists their commands and groups;
+#: a new command group is one new module plus its name here
+COMMAND_MODULES = ("classify", "demo", "embed", "zoo", "report", "pretrain", "synth", "viz", "experiment", "detect",
+                   "mil")
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"leukolab.cli.{_name}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from leukolab.data.transforms import MEAN, STD
+from leukolab.errors import LeukolabError
 
 
 def _view(size: int, scale: Sequence[float], blur_p: float, solarize_p: float, jitter: float) -> v2.Compose:
@@ -57,6 +58,8 @@ class MultiCropTransform:
         local_scale: Sequence[float] = (0.1, 0.4),
         jitter: float = 1.0,
     ) -> None:
+        if int(n_local) < 0:
+            raise LeukolabError(f"local crops {n_local} must be >= 0")
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_1 = _view(global_size, global_scale, 1.0, 0.0, jitter)
         self.global_2 = _view(global_size, global_scale, 0.1, 0.2, jitter)

@@ -6,7 +6,7 @@ Both give a :class:`LabelledImages`; a folder with ``train/``, ``val/`` and/or
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,23 +115,8 @@ def read_csv(csv_path: Path, *, min_classes: int = 2) -> dict[str, LabelledImage
     column, one :class:`LabelledImages` per split value is returned; otherwise
     everything is under ``"all"``.
     """
-    try:
-        df = pd.read_csv(csv_path)
-    except Exception as exc:
-        raise LeukolabError(f"{csv_path}: not a readable CSV file ({exc.__class__.__name__})") from None
-    missing = {"path", "label"} - set(df.columns)
-    if missing:
-        raise LeukolabError(
-            f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected columns path,label[,split]"
-        )
-    if df.empty:
-        raise LeukolabError(f"{csv_path}: no rows; expected one row per image")
-    base = csv_path.parent
-    df["path"] = [p if Path(p).is_absolute() else str(base / p) for p in df["path"].astype(str)]
+    df = read_image_table(csv_path, ("path", "label"))
     df["label"] = df["label"].astype(str)
-    absent = [p for p in df["path"] if not Path(p).is_file()]
-    if absent:
-        raise LeukolabError(f"{csv_path}: image {absent[0]} does not exist ({len(absent)} missing in all)")
     class_names = sorted(df["label"].unique())
     groups = df.groupby("split", sort=False) if "split" in df.columns else [("all", df)]
     out = {}
@@ -140,6 +125,34 @@ def read_csv(csv_path: Path, *, min_classes: int = 2) -> dict[str, LabelledImage
     if "all" in out:
         _require_classes(out["all"], csv_path, min_classes)
     return out
+
+
+def read_image_table(csv_path: Path | str, columns: Sequence[str] = ("path",)) -> pd.DataFrame:
+    """A CSV of images with at least ``columns`` (``path`` always); one row per image.
+
+    Relative paths are taken relative to the CSV's folder; every image must
+    exist. Raises :class:`LeukolabError` for an unreadable file, missing
+    columns, no rows or missing images.
+    """
+    csv_path = Path(csv_path)
+    try:
+        df = pd.read_csv(csv_path)
+    except Exception as exc:
+        raise LeukolabError(f"{csv_path}: not a readable CSV file ({exc.__class__.__name__})") from None
+    missing = ({"path"} | set(columns)) - set(df.columns)
+    if missing:
+        expected = "path,label[,split]" if "label" in columns else "path[,label[,split]]"
+        raise LeukolabError(
+            f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected columns {expected}"
+        )
+    if df.empty:
+        raise LeukolabError(f"{csv_path}: no rows; expected one row per image")
+    base = csv_path.parent
+    df["path"] = [p if Path(p).is_absolute() else str(base / p) for p in df["path"].astype(str)]
+    absent = [p for p in df["path"] if not Path(p).is_file()]
+    if absent:
+        raise LeukolabError(f"{csv_path}: image {absent[0]} does not exist ({len(absent)} missing in all)")
+    return df
 
 
 def read_labelled(path: Path | str, *, min_classes: int = 2) -> dict[str, LabelledImages]:

@@ -32,47 +32,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from leukolab.errors import LeukolabError
-from leukolab.models.backbones import is_vit
+from leukolab.models.tokens import patch_grid, require_vit
+from leukolab.utils.files import atomic_write
 
 __all__ = [
     "attention_maps",
     "attention_weights",
     "last_block_attention",
-    "patch_features",
     "pca_rgb",
     "plot_attention_grid",
     "plot_pca_grid",
-    "prefix_token_names",
 ]
-
-
-def _require_vit(model: nn.Module, what: str) -> None:
-    if not is_vit(model) or not hasattr(model, "forward_features"):
-        raise LeukolabError(f"{what} needs a Vision Transformer backbone, got {type(model).__name__}")
-
-
-def _patch_grid(model: nn.Module, x: torch.Tensor, n_patches: int) -> tuple[int, int]:
-    patch = model.patch_embed.patch_size
-    ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
-    gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
-    if gh * gw != n_patches:
-        grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
-        if len(grid) == 2 and grid[0] * grid[1] == n_patches:
-            return int(grid[0]), int(grid[1])
-        raise LeukolabError(f"cannot lay {n_patches} patch tokens out on a grid for input {tuple(x.shape[-2:])}")
-    return gh, gw
-
-
-def prefix_token_names(model: nn.Module) -> list[str]:
-    """Names of the prefix tokens in order: ``cls``, ``reg0``, ``reg1`` ... (``prefixK`` otherwise)."""
-    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    names: list[str] = []
-    if getattr(model, "cls_token", None) is not None:
-        names.append("cls")
-    n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
-    names += [f"reg{i}" for i in range(n_reg)]
-    names += [f"prefix{i}" for i in range(len(names), n_prefix)]
-    return names[:n_prefix]
 
 
 def attention_weights(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +76,7 @@ def attention_weights(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor 
 @torch.no_grad()
 def last_block_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights (B, heads, N, N), block input of attn (B, N, C))`` of the last block for images ``x``."""
-    _require_vit(model, "attention maps")
+    require_vit(model, "attention maps")
     attn = model.blocks[-1].attn
     captured: dict[str, Any] = {}
 
@@ -128,7 +98,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Last-block attention of the prefix tokens to the patches, ``(B, 1 + n_reg, heads, grid_h, grid_w)``.
 
     Query tokens are the prefix tokens in model order (class token, then the
-    registers; see :func:`prefix_token_names`). The attention rows are
+    registers; see :func:`leukolab.models.tokens.prefix_token_names`). The attention rows are
     soft-maxed over all keys, prefix and patch tokens, so they sum to one
     over all keys; the returned maps are the patch part only (each sums to at
     most one: the rest went to prefix tokens).
@@ -142,21 +112,17 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if n_prefix == 0:
         raise LeukolabError("this ViT has no class or register tokens whose attention could be shown")
     B, H, N, _ = weights.shape
-    gh, gw = _patch_grid(model, x, N - n_prefix)
+    gh, gw = patch_grid(model, x, N - n_prefix)
     maps = weights[:, :, :n_prefix, n_prefix:]  # (B, H, P, patches)
     return maps.permute(0, 2, 1, 3).reshape(B, n_prefix, H, gh, gw).contiguous()
 
 
-@torch.no_grad()
-def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Final, normalised patch tokens ``(B, grid_h, grid_w, D)`` of a ViT."""
-    _require_vit(model, "patch features")
-    model.eval()
-    tokens = model.forward_features(x)
-    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    patches = tokens[:, n_prefix:]
-    gh, gw = _patch_grid(model, x, patches.shape[1])
-    return patches.reshape(x.shape[0], gh, gw, -1).float()
+def _save_png(fig: plt.Figure, path: Path | str) -> Path:
+    """Write ``fig`` as a new PNG (atomically; an existing file is refused) and close it."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def _minmax(a: np.ndarray, axis: int | None = 0) -> np.ndarray:
@@ -254,9 +220,7 @@ def plot_attention_grid(
     fig.suptitle(title or "last-block attention to patches (in brackets: share of attention on patches)",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)
 
 
 def plot_pca_grid(
@@ -283,6 +247,4 @@ def plot_pca_grid(
         a_pca.set_title("PCA", fontsize=7)
     fig.suptitle("patch features: first 3 principal components as RGB (background removed)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)

@@ -20,9 +20,7 @@ Existing files are never overwritten.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from leukolab.errors import LeukolabError
+from leukolab.utils.files import atomic_write
 
 __all__ = ["FEATURE_SUFFIXES", "FeatureSet", "load_features", "save_features"]
 
@@ -146,22 +145,6 @@ def _extra_to_array(col: pd.Series, name: str, path: Path) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=str)
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        if path.exists():  # appeared while we were writing
-            raise LeukolabError(f"{path} already exists; refusing to overwrite it")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_features(fs: FeatureSet, path: Path | str) -> Path:
     """Write ``fs`` to ``path`` (``.npz`` or ``.parquet``, chosen by the suffix).
 
@@ -201,7 +184,7 @@ def save_features(fs: FeatureSet, path: Path | str) -> Path:
         def write(tmp: Path) -> None:
             frame.to_parquet(tmp, engine="pyarrow", index=False)
 
-    _write_atomically(path, write)
+    atomic_write(path, write)  # never overwrites (checked again after writing)
     return path
 
 

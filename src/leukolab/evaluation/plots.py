@@ -1,4 +1,9 @@
-"""Plots people would rather look at than read: confusion matrix, training curves."""
+"""Plots people would rather look at than read: confusion matrix, training curves.
+
+:func:`save_figure` is the one way a figure reaches the disk: written atomically
+and listed in the folder's artefact manifest (``artefacts.json``), so that
+``leukolab report`` shows it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+
+from leukolab.evaluation.manifest import record
+from leukolab.utils.files import atomic_write
+
+__all__ = ["plot_confusion_matrix", "plot_curves", "save_figure"]
 
 
-def plot_confusion_matrix(cm: np.ndarray | Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> Path:
-    """Counts (left) and row-normalised recall (right), one PNG."""
+def save_figure(fig: Figure, path: Path | str, title: str, *, dpi: int = 120, overwrite: bool = True) -> Path:
+    """Save ``fig`` to ``path`` atomically (format from the suffix), close it, and record it
+    (kind ``figure``) in the folder's manifest.
+
+    Figures are drawn from data that is kept (history.csv, metrics.json ...), so by
+    default a figure is redrawn in place (e.g. the curves after a resumed run);
+    ``overwrite=False`` refuses an existing file instead. Returns ``path``.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi), overwrite=overwrite)
+    finally:
+        plt.close(fig)
+    record(path.parent, path.name, "figure", title)
+    return path
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray | Sequence[Sequence[int]], class_names: Sequence[str], path: Path | str
+) -> Path:
+    """Counts (left) and row-normalised recall (right), one PNG (recorded in the folder's manifest)."""
     cm = np.asarray(cm)
     norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
     n = len(class_names)
@@ -32,13 +63,11 @@ def plot_confusion_matrix(cm: np.ndarray | Sequence[Sequence[int]], class_names:
                 ax.text(j, i, format(data[i, j], fmt), ha="center", va="center",
                         color="white" if data[i, j] > thresh else "black", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "confusion matrix")
 
 
-def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Loss (left) and every other per-epoch metric (right) against the epoch."""
+def plot_curves(history: pd.DataFrame, path: Path | str, title: str = "") -> Path:
+    """Loss (left) and every other per-epoch metric (right) against the epoch (recorded in the manifest)."""
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     x = history["epoch"] if "epoch" in history else np.arange(1, len(history) + 1)
     for col in history.columns:
@@ -54,6 +83,4 @@ def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "training curves")

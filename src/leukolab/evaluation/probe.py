@@ -10,8 +10,13 @@
   touch scaling or the choice of ``C``.
 * :func:`cross_validate_probes` - stratified k-fold cross-validation of both
   (one row per method and fold), :func:`evaluate_fixed_split` - the same on a
-  given train/test split, :func:`summarise` / :func:`to_markdown` - the
-  ``"mean (± std)"`` table for a README.
+  given train/test split; :func:`write_probe_tables` writes the results and
+  their ``"mean (± std)"`` summary (:func:`leukolab.evaluation.tables.percent_table`)
+  as CSV tables listed in the folder's artefact manifest.
+
+Every score comes from :func:`leukolab.evaluation.metrics.classification_metrics`,
+the same function that scores ``evaluate``, so a probe and a trained classifier
+making the same predictions get the same numbers.
 
 Labels are class-name strings in a :class:`~leukolab.evaluation.features.FeatureSet`;
 the array-level functions take integer class codes ``0 .. C-1``.
@@ -22,11 +27,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -34,6 +39,8 @@ from threadpoolctl import threadpool_limits
 
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FeatureSet
+from leukolab.evaluation.metrics import METRICS, classification_metrics, headline
+from leukolab.evaluation.tables import percent_table, to_markdown, write_table
 
 __all__ = [
     "DEFAULT_CS",
@@ -46,17 +53,9 @@ __all__ = [
     "probe_metrics",
     "summarise",
     "to_markdown",
+    "write_probe_tables",
 ]
 
-#: the metric columns of every results table, in order
-METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "f1_weighted",
-    "precision_macro",
-    "recall_macro",
-)
 #: inverse regularisation strengths searched by the linear probe
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 LINEAR_PROBE = "linear probe"
@@ -296,31 +295,12 @@ def linear_probe_fit_predict(
 
 
 def probe_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro/weighted F1, macro precision/recall (fractions).
+    """The :data:`~leukolab.evaluation.metrics.METRICS` of predicted class codes ``0 .. n_classes-1``.
 
-    Macro averages run over the classes present in ``y_true`` or ``y_pred``
-    (scikit-learn's default); ill-defined scores count as 0. Balanced accuracy
-    is the mean recall over the classes present in ``y_true``.
+    A thin view of :func:`~leukolab.evaluation.metrics.classification_metrics`:
+    macro scores average over the classes present in ``y_true``.
     """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1 or y_true.size == 0:
-        raise LeukolabError(
-            "y_true and y_pred must be equal-length non-empty 1-D arrays, "
-            f"got {y_true.shape} and {y_pred.shape}"
-        )
-    for name, arr in (("y_true", y_true), ("y_pred", y_pred)):
-        if arr.min() < 0 or arr.max() >= n_classes:
-            raise LeukolabError(f"{name} holds class codes outside 0..{n_classes - 1}")
-    recalls = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(np.mean(recalls)),
-        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        "precision_macro": float(precision_score(y_true, y_pred, average="macro", zero_division=0)),
-        "recall_macro": float(recall_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
+    return headline(classification_metrics(y_true, y_pred, [str(c) for c in range(n_classes)]))
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -508,44 +488,18 @@ def evaluate_fixed_split(
 
 # ------------------------------------------------------------------------- reports
 
-
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over folds, as percent strings.
-
-    Returns one row per method (in order of first appearance, index named
-    ``method``) and one column per metric of :data:`METRICS`; each cell reads
-    ``"86.6 (± 0.7)"`` (sample standard deviation, ddof=1) or just ``"86.6"``
-    when the method has a single fold (a fixed split).
-    """
-    missing = [c for c in ("method", *METRICS) if c not in results.columns]
-    if missing:
-        raise LeukolabError(f"results table lacks the column(s) {', '.join(missing)}")
-    order = list(dict.fromkeys(results["method"]))
-    grouped = results.groupby("method", sort=False)[list(METRICS)]
-    mean = grouped.mean().loc[order] * 100
-    std = grouped.std(ddof=1).loc[order] * 100
-    count = grouped.size().loc[order]
-    out = pd.DataFrame(index=pd.Index(order, name="method"), columns=list(METRICS), dtype=object)
-    for method in order:
-        for metric in METRICS:
-            m = mean.at[method, metric]
-            s = std.at[method, metric]
-            out.at[method, metric] = f"{m:.1f}" if count[method] < 2 or pd.isna(s) else f"{m:.1f} (± {s:.1f})"
-    return out
+#: the probe results table in percent, one row per method (see :func:`~leukolab.evaluation.tables.percent_table`)
+summarise = percent_table
 
 
-def to_markdown(summary: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``summary`` (index as the first column), no extra dependency."""
-
-    def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    index_name = summary.index.name or ""
-    header = [cell(index_name), *(cell(c) for c in summary.columns)]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([" --- "] + [" ---: "] * len(summary.columns)) + "|",
-    ]
-    for idx, row in summary.iterrows():
-        lines.append("| " + " | ".join([cell(idx), *(cell(v) for v in row.tolist())]) + " |")
-    return "\n".join(lines) + "\n"
+def write_probe_tables(results: pd.DataFrame, folder: Path | str) -> str:
+    """Write ``probe.csv`` (one row per method and fold) and ``probe_summary.csv`` (mean ± std over
+    folds per method, in percent) into ``folder``, both listed in its artefact manifest; returns the
+    summary as a markdown table. Existing files are never overwritten."""
+    folder = Path(folder)
+    table = percent_table(results)
+    n_folds = results["fold"].nunique() if "fold" in results else 1
+    write_table(results, folder / "probe.csv", "probe results, one row per method and fold")
+    spread = f"mean (± std over {n_folds} folds)" if n_folds > 1 else "one split"
+    write_table(table, folder / "probe_summary.csv", f"probes: metrics in percent, {spread}", index=True)
+    return to_markdown(table)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FeatureSet
+from leukolab.utils.files import atomic_write, write_text
 
 __all__ = ["METHODS", "color_values", "embedding_plot", "plot_embedding_png", "project_2d", "write_embedding_html"]
 
@@ -133,9 +134,10 @@ def plot_embedding_png(xy: np.ndarray, values: pd.Series, path: Path | str, titl
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return Path(path)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    finally:
+        plt.close(fig)
 
 
 _HTML_TEMPLATE = """<!DOCTYPE html>
@@ -226,8 +228,7 @@ def write_embedding_html(
         title=html.escape(title), subtitle=html.escape(subtitle), legend=legend, width=width, height=height,
         points="\n".join(lines),
     )
-    Path(path).write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_text(path, text)
 
 
 def embedding_plot(
@@ -252,7 +253,6 @@ def embedding_plot(
             raise LeukolabError(f"{p} already exists; refusing to overwrite it")
     values = color_values(fs, color_by)
     xy = project_2d(fs.features, method, seed=seed, normalise=normalise)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     name = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}[method]
     title = title or f"{name} of {len(fs)} embeddings (dim {fs.dim}), coloured by {color_by}"
     plot_embedding_png(xy, values, out_png, title=title)

@@ -1,68 +1,87 @@
 """Load backbone weights from a local file into a timm backbone.
 
-Accepted: a leukolab run folder or checkpoint (its ``backbone`` entry, stored
-in timm naming), a plain timm state dict, or a released DINOv2 / DinoBloom /
-HF-ViTMAE ViT file (mapped by :mod:`leukolab.zoo.convert`). Shapes that do not
-fit and required keys that are missing are refused with a one-line error.
+Accepted: a leukolab run folder or checkpoint (its ``backbone`` entry, in
+timm naming, described by its ``backbone_spec``), a backbone written by
+``leukolab convert``, a plain timm state dict, or a released DINOv2 /
+DinoBloom / HF-ViTMAE ViT file (mapped by :mod:`leukolab.zoo`). Every file
+is read by :func:`leukolab.checkpoints.load_checkpoint`: pickled files only
+with ``allow_pickle``. Shapes that do not fit and required keys that are
+missing are refused with a one-line error.
+
+A position grid of another size is resampled from the stored grid with the
+rule the checkpoint's :class:`~leukolab.checkpoints.BackboneSpec` records
+(DINOv2's for converted DINOv2 releases; see :mod:`leukolab.models.pos_embed`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from leukolab.checkpoints import (
+    BackboneSpec,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    strip_wrappers,
+    tensors_of,
+)
 from leukolab.errors import LeukolabError
 from leukolab.models.backbones import is_vit
+from leukolab.models.pos_embed import resample_pos_embed
 
-WRAPPER_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "model.", "encoder.")
-
-
-def resolve_checkpoint_path(path: Path | str) -> Path:
-    """A run folder resolves to its ``best.pt`` (else ``last.pt``); a file to itself."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt", "backbone.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise LeukolabError(f"{path}: no best.pt or last.pt in this folder; expected a leukolab run folder")
-    if not path.is_file():
-        raise LeukolabError(f"checkpoint {path} does not exist")
-    return path
+__all__ = [
+    "backbone_spec_of",
+    "checkpoint_backbone_spec",
+    "extract_backbone_state",
+    "load_backbone_state",
+    "load_backbone_weights",
+    "read_checkpoint",
+    "resolve_checkpoint_path",
+]
 
 
-def read_checkpoint(path: Path | str) -> dict[str, Any]:
-    """``torch.load`` a local checkpoint on CPU, or a one-line error."""
+def read_checkpoint(path: Path | str, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """A checkpoint file or run folder as a dict (``load_checkpoint``'s trust policy), or a one-line error."""
     path = resolve_checkpoint_path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LeukolabError(
-            f"cannot read checkpoint {path} ({exc.__class__.__name__}); expected a torch .pt/.pth file"
-        ) from None
-    if not isinstance(obj, dict):
+    obj = load_checkpoint(path, allow_pickle=allow_pickle)
+    if not isinstance(obj, Mapping):
         raise LeukolabError(f"{path}: expected a dict of tensors or a leukolab checkpoint, got {type(obj).__name__}")
-    return obj
+    return dict(obj)
 
 
 def _get(mapping: Any, *keys: str) -> Any:
     for key in keys:
-        if not isinstance(mapping, dict) or key not in mapping:
+        if not isinstance(mapping, Mapping) or key not in mapping:
             return None
         mapping = mapping[key]
     return mapping
 
 
-def backbone_spec_of(state: dict[str, Any]) -> dict[str, Any]:
-    """``{backbone, backbone_kwargs, img_size}`` recorded in a loaded leukolab checkpoint ({} for foreign ones).
+def _patch_of(name: str, kwargs: Mapping[str, Any]) -> int | None:
+    patch = kwargs.get("patch_size")
+    if patch is not None:
+        return int(patch if isinstance(patch, int) else patch[0])
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else None
 
-    Pretraining checkpoints name the backbone in ``backbone_name`` (with ``img_size`` and
-    ``backbone_kwargs``, ``reg_tokens`` included); classification checkpoints carry the run's
-    ``config``. Build the matching backbone with ``create_backbone(spec["backbone"],
-    spec["img_size"], **spec["backbone_kwargs"])``; ``img_size`` is None when not recorded.
+
+def backbone_spec_of(state: Mapping[str, Any]) -> BackboneSpec | None:
+    """The :class:`BackboneSpec` recorded in a loaded checkpoint (None for foreign files).
+
+    Read from the ``backbone_spec`` entry; checkpoints written before it
+    existed are understood too: pretraining ones name the backbone in
+    ``backbone_name`` (with ``img_size`` and ``backbone_kwargs``),
+    classification ones carry the run's ``config``, both with leukolab's
+    normalisation; older converted backbones carry ``backbone_config`` (ImageNet).
+    Build the backbone with ``create_backbone(spec.name, spec.img_size, **spec.kwargs)``.
     """
+    if isinstance(spec := state.get("backbone_spec"), Mapping) and spec.get("name"):
+        return BackboneSpec.from_dict(spec)
     if isinstance(state.get("backbone_name"), str):
         name = state["backbone_name"]
         size = state.get("img_size") or _get(state, "config", "data", "img_size")
@@ -70,35 +89,25 @@ def backbone_spec_of(state: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(name := _get(state, "config", "model", "backbone"), str):
         size = _get(state, "config", "data", "img_size") or state.get("img_size")
         kwargs = _get(state, "config", "model", "backbone_kwargs") or state.get("backbone_kwargs")
+    elif isinstance(config := state.get("backbone_config"), Mapping):
+        from leukolab.zoo.convert import spec_from_vit_config
+
+        fmt = state.get("source_format") or state.get("format")
+        return spec_from_vit_config(config, fmt if isinstance(fmt, str) else None)
     else:
-        return {}
-    return {"backbone": name, "backbone_kwargs": dict(kwargs or {}), "img_size": size}
+        return None
+    kwargs = dict(kwargs or {})
+    return BackboneSpec(name, kwargs, int(size) if size else None, _patch_of(name, kwargs))
 
 
-def checkpoint_backbone_spec(path: Path | str) -> dict[str, Any]:
+def checkpoint_backbone_spec(path: Path | str, *, allow_pickle: bool = False) -> BackboneSpec | None:
     """:func:`backbone_spec_of` a checkpoint file or run folder."""
-    return backbone_spec_of(read_checkpoint(path))
+    return backbone_spec_of(read_checkpoint(path, allow_pickle=allow_pickle))
 
 
-def extract_backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+def extract_backbone_state(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The backbone tensors of a checkpoint object, wrapper prefixes removed."""
-    if isinstance(obj.get("backbone"), dict):
-        sd = obj["backbone"]
-    else:
-        sd = obj
-        for key in ("teacher", "model", "state_dict", "student"):
-            if isinstance(sd.get(key), dict) and any(torch.is_tensor(v) for v in sd[key].values()):
-                sd = sd[key]
-                break
-    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    return strip_wrappers(tensors_of(obj))
 
 
 def _looks_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> bool:
@@ -106,28 +115,40 @@ def _looks_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> bool:
     return len(own & set(sd)) >= 0.9 * len(own)
 
 
-def load_backbone_weights(model: nn.Module, path: Path | str) -> dict[str, list[str]]:
-    """Load weights from ``path`` into ``model`` (a headless timm backbone).
+def load_backbone_weights(model: nn.Module, path: Path | str, *, allow_pickle: bool = False) -> dict[str, list[str]]:
+    """Load weights from ``path`` (file or run folder) into ``model`` (a headless timm backbone).
 
-    Returns ``{"loaded": [...], "ignored": [...]}``. Raises
-    :class:`LeukolabError` for missing keys or shapes that cannot be fitted.
+    Returns ``{"loaded": [...], "ignored": [...]}``.
+
+    Raises:
+        LeukolabError: unreadable file, pickled file without ``allow_pickle``,
+            missing keys or shapes that cannot be fitted.
     """
-    obj = read_checkpoint(path)
+    return load_backbone_state(model, read_checkpoint(path, allow_pickle=allow_pickle), path)
+
+
+def load_backbone_state(
+    model: nn.Module, obj: Mapping[str, Any], where: Path | str = "checkpoint"
+) -> dict[str, list[str]]:
+    """:func:`load_backbone_weights` for a checkpoint already loaded; ``where`` names it in errors."""
     sd = extract_backbone_state(obj)
     if not sd:
-        raise LeukolabError(f"{path}: no tensors found; expected a model state dict")
+        raise LeukolabError(f"{where}: no tensors found; expected a model state dict")
     sd = _norm_to_fc_norm(sd, model)
     if is_vit(model) and not _looks_timm(sd, model):
         from leukolab.zoo.convert import convert_state_dict
 
-        sd, report = convert_state_dict(sd, None, model, strict=True)
+        try:
+            sd, report = convert_state_dict(sd, None, model, strict=True)
+        except LeukolabError as exc:
+            raise LeukolabError(f"{where}: {exc}") from None
         ignored = list(report.dropped)
     else:
-        sd, ignored = _fit_timm_state(sd, model, path)
+        sd, ignored = _fit_timm_state(sd, model, where, backbone_spec_of(obj))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
         raise LeukolabError(
-            f"{path}: {len(missing)} backbone key(s) missing, e.g. {', '.join(missing[:3])}; "
+            f"{where}: {len(missing)} backbone key(s) missing, e.g. {', '.join(missing[:3])}; "
             "expected a checkpoint of the same architecture"
         )
     return {"loaded": sorted(sd), "ignored": sorted(set(ignored) | set(unexpected))}
@@ -148,7 +169,7 @@ def _norm_to_fc_norm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
 
 
 def _fit_timm_state(
-    sd: dict[str, torch.Tensor], model: nn.Module, path: Path | str
+    sd: dict[str, torch.Tensor], model: nn.Module, where: Path | str, spec: BackboneSpec | None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -159,18 +180,22 @@ def _fit_timm_state(
             continue
         target = own[key]
         if key == "pos_embed" and value.shape != target.shape and is_vit(model):
-            value = _resample_pos_embed(value, model)
+            value = _resample_pos_embed(value, model, spec)
         if value.shape != target.shape:
             raise LeukolabError(
-                f"{path}: {key} has shape {tuple(value.shape)} but the backbone expects {tuple(target.shape)}; "
+                f"{where}: {key} has shape {tuple(value.shape)} but the backbone expects {tuple(target.shape)}; "
                 "expected a checkpoint of the same architecture"
             )
         out[key] = value
     return out, ignored
 
 
-def _resample_pos_embed(pe: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    from timm.layers import resample_abs_pos_embed
-
-    n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-    return resample_abs_pos_embed(pe, list(model.patch_embed.grid_size), num_prefix_tokens=n_prefix)
+def _resample_pos_embed(pe: torch.Tensor, model: nn.Module, spec: BackboneSpec | None) -> torch.Tensor:
+    """The stored grid resampled once to the model's, with the checkpoint's rule (timm's by default)."""
+    n_prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    antialias, offset = (spec.interpolate_antialias, spec.interpolate_offset) if spec else (True, 0.0)
+    try:
+        return resample_pos_embed(pe, list(model.patch_embed.grid_size), num_prefix_tokens=n_prefix,
+                                  antialias=antialias, offset=offset)
+    except ValueError:  # not a square grid: left for the shape check to report
+        return pe

@@ -2,44 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from leukolab.checkpoints import BackboneSpec
 from leukolab.errors import LeukolabError
-from leukolab.evaluation.metrics import classification_metrics
+from leukolab.models.classifier import Classifier
 from leukolab.objectives.base import Objective, StepOutput, decay_groups
 from leukolab.registry import OBJECTIVES
+
+#: ``scorer(y_true, y_pred, class_names) -> {"accuracy", "balanced_accuracy", "f1_macro", ...}``
+Scorer = Callable[[np.ndarray, np.ndarray, list[str]], dict[str, Any]]
 
 
 @OBJECTIVES.register("classification")
 class ClassificationObjective(Objective):
-    """Cross-entropy (optionally class-weighted, label-smoothed); best model by validation balanced accuracy."""
+    """Cross-entropy (optionally class-weighted, label-smoothed); best model by validation balanced accuracy.
+
+    ``scorer`` (the pipeline passes :func:`leukolab.evaluation.metrics.classification_metrics`)
+    turns the validation predictions into ``val_accuracy``, ``val_balanced_accuracy`` and
+    ``val_f1_macro``; without one, validation reports ``val_loss`` only and picks by it.
+    """
 
     monitor = "val_balanced_accuracy"
     monitor_mode = "max"
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Classifier,
         class_names: list[str],
         class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
-        extras: dict[str, Any] | None = None,
         layer_decay: float = 1.0,
+        scorer: Scorer | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < layer_decay <= 1.0:
             raise LeukolabError(f"layer decay {layer_decay} is outside (0, 1]; expected e.g. 0.75 (1 = off)")
-        self.layer_decay = float(layer_decay)
         self.model = model
         self.class_names = list(class_names)
-        self.register_buffer("class_weights", class_weights if class_weights is not None else None, persistent=False)
-        self.label_smoothing = label_smoothing
-        self.extras = extras or {}
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.label_smoothing = float(label_smoothing)
+        self.layer_decay = float(layer_decay)
+        self.scorer = scorer
+        if scorer is None:
+            self.monitor, self.monitor_mode = "val_loss", "min"
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """With ``layer_decay`` < 1: layer-wise learning-rate decay over the backbone (timm's BEiT/MAE recipe).
@@ -47,11 +58,11 @@ class ClassificationObjective(Objective):
         Block ``i`` of ``L`` gets ``layer_decay ** (L - i)`` of the learning rate (the stem the least,
         the head the full rate), as an ``lr_scale`` entry per group that the Trainer applies.
         """
-        backbone = getattr(self.model, "backbone", None)
-        if self.layer_decay >= 1.0 or backbone is None:
+        if self.layer_decay >= 1.0:
             return super().parameter_groups(weight_decay)
         from timm.optim import param_groups_layer_decay
 
+        backbone = self.model.backbone
         skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
         groups = param_groups_layer_decay(backbone, weight_decay, no_weight_decay_list=skip,
                                           layer_decay=self.layer_decay)
@@ -66,31 +77,33 @@ class ClassificationObjective(Objective):
         acc = (logits.argmax(1) == y).float().mean().item()
         return StepOutput(loss, {"acc": acc}, batch_size=int(y.shape[0]))
 
-    @torch.no_grad()
-    def predict(self, loader: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-        """``(probabilities (N, C), targets (N,))`` over a loader."""
-        self.eval()
-        probs, targets = [], []
-        for x, y in loader:
-            logits = self.model(x.to(device))
-            probs.append(torch.softmax(logits.float(), 1).cpu())
-            targets.append(torch.as_tensor(y))
-        return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    def validation_step(self, batch: Any) -> dict[str, Any]:
+        """Class probabilities and targets of a batch (on the CPU)."""
+        x, y = batch
+        return {"probs": torch.softmax(self.model(x).float(), 1).cpu(), "targets": torch.as_tensor(y).cpu()}
+
+    def validation_epoch_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        """``val_loss`` (negative log-likelihood) and, with a scorer, accuracy, balanced accuracy and macro F1."""
+        probs = torch.cat([o["probs"] for o in outputs])
+        y = torch.cat([o["targets"] for o in outputs])
+        row = {"val_loss": F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()}
+        if self.scorer is not None:
+            m = self.scorer(y.numpy(), probs.argmax(1).numpy(), self.class_names)
+            row.update({f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "f1_macro")})
+        return row
 
     @torch.no_grad()
-    def validate(self, loader: Any, device: torch.device) -> dict[str, float]:
-        probs, y = self.predict(loader, device)
-        loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)).item()
-        m = classification_metrics(y, probs.argmax(1), self.class_names)
-        return {
-            "val_loss": loss,
-            "val_accuracy": m["accuracy"],
-            "val_balanced_accuracy": m["balanced_accuracy"],
-            "val_f1_macro": m["f1_macro"],
-        }
+    def predict(self, loader: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """``(probabilities (N, C), targets (N,))`` over a loader of ``(images, targets)``."""
+        self.eval()
+        outs = [self.validation_step((x.to(device), y)) for x, y in loader]
+        return torch.cat([o["probs"] for o in outs]).numpy(), torch.cat([o["targets"] for o in outs]).numpy()
 
     def export_backbone(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.backbone.state_dict().items()}
 
+    def backbone_spec(self) -> BackboneSpec | None:
+        return self.model.spec
+
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"class_names": self.class_names, **self.extras}
+        return {"task": "classification", "class_names": self.class_names}

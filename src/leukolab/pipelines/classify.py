@@ -1,4 +1,10 @@
-"""Train, evaluate and apply an image classifier (the ``train``/``evaluate``/``predict`` commands)."""
+"""Train, evaluate and apply an image classifier (the ``train``/``evaluate``/``predict`` commands).
+
+Training goes through the shared run lifecycle (:mod:`leukolab.pipelines.lifecycle`):
+this module supplies the splits, the classifier (``model:`` section, head by name
+from :data:`~leukolab.registry.HEADS`), the objective (built by name from
+:data:`~leukolab.registry.OBJECTIVES`) and the loaders.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +19,26 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from leukolab.config import diff_overrides, read_yaml, resolve
+import leukolab.objectives  # noqa: F401 - registers the built-in objectives
+from leukolab.checkpoints import load_checkpoint
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import ImageDataset
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
 from leukolab.data.transforms import eval_transform, train_transform
 from leukolab.errors import LeukolabError
-from leukolab.evaluation.metrics import classification_metrics
+from leukolab.evaluation.metrics import classification_metrics, write_metrics
 from leukolab.evaluation.plots import plot_confusion_matrix, plot_curves
+from leukolab.evaluation.tables import write_table
 from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.classifier import Classifier, build_classifier
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
-from leukolab.training import distributed
+from leukolab.pipelines.lifecycle import open_run
+from leukolab.registry import OBJECTIVES
 from leukolab.training.loaders import build_loader
-from leukolab.training.loop import Trainer, TrainerConfig, pick_device
-from leukolab.utils.runs import dump_json, dump_yaml, new_run_dir, unique_child
-from leukolab.utils.seed import seed_everything
+from leukolab.training.loop import pick_device
+from leukolab.utils.runs import unique_child
 
 
 @dataclass
@@ -68,14 +76,14 @@ def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
     return Splits(train.subset(keep), val, test, names, train)
 
 
-def write_splits_csv(splits: Splits, path: Path) -> None:
-    """One row per image: path, label, split, and whether its label was used."""
+def splits_table(splits: Splits) -> pd.DataFrame:
+    """``splits.csv``: one row per image -- path, label, split, and whether its label was used."""
     used = set(map(str, splits.train.paths))
     full = splits.full_train
     rows = [(str(p), lab, "train", str(p) in used) for p, lab in zip(full.paths, full.labels, strict=True)]
     for name, part in (("val", splits.val), ("test", splits.test)):
         rows += [(str(p), lab, name, True) for p, lab in zip(part.paths, part.labels, strict=True)]
-    pd.DataFrame(rows, columns=["path", "label", "split", "labelled"]).to_csv(path, index=False)
+    return pd.DataFrame(rows, columns=["path", "label", "split", "labelled"])
 
 
 def make_loader(
@@ -101,31 +109,54 @@ def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:
     return w * len(w) / w.sum()
 
 
-def build_model(cfg: dict[str, Any], num_classes: int) -> Classifier:
+def build_model(cfg: dict[str, Any], num_classes: int, allow_pickle: bool = False) -> Classifier:
     """The classifier of a config (frozen backbone and probe norm as it says), with ``model.init``
-    weights loaded when given (loading keeps a frozen backbone frozen)."""
+    weights loaded when given (loading keeps a frozen backbone frozen; a pickled init file needs ``allow_pickle``)."""
     model = build_classifier(cfg["model"], cfg["data"]["img_size"], num_classes)
     init = cfg["model"].get("init")
     if init:
-        load_backbone_weights(model.backbone, init)
+        load_backbone_weights(model.backbone, init, allow_pickle=allow_pickle)
     return model
 
 
-def adopt_init_architecture(cfg: dict[str, Any]) -> None:
+def adopt_init_architecture(cfg: dict[str, Any], allow_pickle: bool = False) -> None:
     """Fill ``model.backbone_kwargs`` (e.g. ``reg_tokens``) from a leukolab ``--init`` checkpoint.
 
     A checkpoint of another architecture than ``model.backbone`` is refused.
     """
-    spec = checkpoint_backbone_spec(cfg["model"]["init"])
-    if not spec:
+    spec = checkpoint_backbone_spec(cfg["model"]["init"], allow_pickle=allow_pickle)
+    if spec is None:
         return
-    want, have = resolve_backbone_name(cfg["model"]["backbone"]), resolve_backbone_name(spec["backbone"])
+    want, have = resolve_backbone_name(cfg["model"]["backbone"]), resolve_backbone_name(spec.name)
     if want != have:
         raise LeukolabError(
             f"--init {cfg['model']['init']} holds a {have} backbone but --backbone is {want}; "
             "expected a checkpoint of the same architecture"
         )
-    cfg["model"]["backbone_kwargs"] = {**spec["backbone_kwargs"], **(cfg["model"].get("backbone_kwargs") or {})}
+    cfg["model"]["backbone_kwargs"] = {**spec.kwargs, **(cfg["model"].get("backbone_kwargs") or {})}
+
+
+def build_objective(cfg: dict[str, Any], splits: Splits, allow_pickle: bool = False) -> ClassificationObjective:
+    """The classification objective of a resolved config over ``splits`` (scored by
+    :func:`~leukolab.evaluation.metrics.classification_metrics`)."""
+    o = cfg["optim"]
+    return OBJECTIVES.build(
+        "classification", model=build_model(cfg, len(splits.class_names), allow_pickle),
+        class_names=splits.class_names,
+        class_weights=class_weights(splits.train.labels, splits.class_names) if o["class_weights"] else None,
+        label_smoothing=o["label_smoothing"], layer_decay=float(o.get("layer_decay", 1.0)),
+        scorer=classification_metrics,
+    )
+
+
+def _prepare(cfg: dict[str, Any], allow_pickle: bool = False) -> None:
+    """A new run's data and ``--init`` paths made absolute; the init checkpoint's architecture adopted."""
+    if not cfg["data"]["path"]:
+        raise LeukolabError("no data given; expected a folder of class folders or a path,label CSV")
+    cfg["data"]["path"] = str(Path(cfg["data"]["path"]).resolve())
+    if cfg["model"].get("init"):
+        cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
+        adopt_init_architecture(cfg, allow_pickle)
 
 
 def train_classifier(
@@ -134,55 +165,23 @@ def train_classifier(
     overrides: dict[str, Any] | None = None,
     resume: Path | str | None = None,
     name: str | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
-    """Train a classifier; returns the run folder.
+    """Train a classifier; returns the run folder (``allow_pickle``: read a pickled ``model.init`` file).
 
     A new run gets a fresh folder under ``out``. ``resume`` continues the
     interrupted run in that folder with its saved config; overrides that
     disagree with it are refused.
     """
-    overrides = overrides or {}
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise LeukolabError(f"cannot resume: {run_dir} has no config.yaml; expected a leukolab run folder")
-        cfg = read_yaml(run_dir / "config.yaml")
-        conflicts = diff_overrides(cfg, overrides)
-        if conflicts:
-            raise LeukolabError(f"cannot resume {run_dir} with a different config: {'; '.join(conflicts)}")
-    else:
-        cfg = resolve("train", config_file, overrides)
-        if not cfg["data"]["path"]:
-            raise LeukolabError("no data given; expected a folder of class folders or a path,label CSV")
-        cfg["data"]["path"] = str(Path(cfg["data"]["path"]).resolve())
-        if cfg["model"].get("init"):
-            cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
-            adopt_init_architecture(cfg)
-    seed = int(cfg["seed"])
-    seed_everything(seed)
-    distributed.init_distributed(cfg["train"]["device"])
-    splits = make_splits(cfg["data"], seed)
-    model = build_model(cfg, len(splits.class_names))  # bad backbone/init fails before the slower image check
-    if cfg["data"]["check_images"] and resume is None:
-        require_readable(
-            [*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"]
-        )
-    weights = class_weights(splits.train.labels, splits.class_names) if cfg["optim"]["class_weights"] else None
-    objective = ClassificationObjective(
-        model, splits.class_names, weights, cfg["optim"]["label_smoothing"],
-        extras={"config": cfg, "task": "classification"}, layer_decay=float(cfg["optim"].get("layer_decay", 1.0)),
-    )
-    if resume is None:
-        if out is None:
-            raise LeukolabError("no --out folder given for the run")
-        frac = cfg["data"]["label_fraction"]
-        run_dir = distributed.shared_run_dir(
-            lambda: new_run_dir(out, name or f"{cfg['model']['backbone']}-f{frac:g}-s{seed}"))
-        if distributed.is_main():
-            dump_yaml(cfg, run_dir / "config.yaml")
-            write_splits_csv(splits, run_dir / "splits.csv")
-    d = cfg["data"]
-    loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=seed)
+    run = open_run("train", out, config_file, overrides, resume,
+                   prepare=lambda c: _prepare(c, allow_pickle), name=name or (
+        lambda c: f"{c['model']['backbone']}-f{c['data']['label_fraction']:g}-s{c['seed']}"))
+    cfg, d = run.cfg, run.cfg["data"]
+    splits = make_splits(d, run.seed)
+    objective = build_objective(cfg, splits, allow_pickle)  # a bad backbone/init fails before the image check
+    if d["check_images"] and not run.resumed:
+        require_readable([*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"])
+    loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=run.seed)
     train_loader = make_loader(
         splits.train, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"],
         min_samples=int(d.get("min_samples_per_epoch") or 0), **loader_kw,
@@ -191,33 +190,24 @@ def train_classifier(
         make_loader(splits.val, splits.class_names, d["img_size"], d["batch_size"] * 2, train=False, **loader_kw)
         if len(splits.val) else None
     )
-    trainer = Trainer(objective, TrainerConfig.from_config(cfg), run_dir)
-    if resume is not None:
-        trainer.resume(run_dir / "last.pt")
-    trainer.fit(train_loader, val_loader)
-    # drawn from history.csv, so re-drawing it after a resume loses nothing
-    if distributed.is_main():
-        plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
-    return run_dir
+    run.fit(objective, train_loader, val_loader, tables={"splits.csv": splits_table(splits)})
+    return run.dir
 
 
 # --------------------------------------------------------------------------- loading and applying a run
 def load_run(run: Path | str, device: torch.device | None = None) -> tuple[ClassificationObjective, dict[str, Any]]:
-    """The trained classifier of a run folder (``best.pt``) and its config."""
+    """The trained classifier of a run folder (``best.pt``, read with ``weights_only=True``) and its config."""
     run = Path(run)
     ckpt_path = run / "best.pt" if run.is_dir() else run
     if not ckpt_path.is_file():
         raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab train run folder")
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LeukolabError(f"cannot read {ckpt_path} ({exc.__class__.__name__})") from None
-    if state.get("task") != "classification":
-        raise LeukolabError(f"{ckpt_path} is not a classification run (task={state.get('task')!r})")
+    state = load_checkpoint(ckpt_path)
+    if not isinstance(state, dict) or state.get("task") != "classification":
+        task = state.get("task") if isinstance(state, dict) else None
+        raise LeukolabError(f"{ckpt_path} is not a classification run (task={task!r})")
     cfg = state["config"]
-    model_cfg = {**cfg["model"], "init": None}
-    model = build_classifier(model_cfg, cfg["data"]["img_size"], len(state["class_names"]))
-    objective = ClassificationObjective(model, state["class_names"], extras={"config": cfg, "task": "classification"})
+    model = build_classifier({**cfg["model"], "init": None}, cfg["data"]["img_size"], len(state["class_names"]))
+    objective = ClassificationObjective(model, state["class_names"])
     objective.load_state_dict(state["objective"], strict=False)
     device = device or pick_device(cfg["train"].get("device", "auto"))
     return objective.to(device).eval(), cfg
@@ -258,12 +248,12 @@ def evaluate_run(
     metrics = classification_metrics(y, pred, names)
     metrics["data"] = str(data) if data is not None else "test split of the run"
     out_dir = unique_child(run, "eval") if out is None else unique_child(Path(out).parent, Path(out).name)
-    dump_json(metrics, out_dir / "metrics.json")
+    write_metrics(metrics, out_dir / "metrics.json")
     table = pd.DataFrame({"path": [str(p) for p in test.paths], "actual": [names[i] for i in y],
                           "predicted": [names[i] for i in pred]})
     for i, c in enumerate(names):
         table[f"prob_{c}"] = probs[:, i]
-    table.to_csv(out_dir / "predictions.csv", index=False)
+    write_table(table, out_dir / "predictions.csv", "predictions, one row per image")
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png")
     if (run / "history.csv").is_file():
         plot_curves(pd.read_csv(run / "history.csv"), out_dir / "curves.png", title=run.name)

@@ -1,9 +1,10 @@
 """Label-efficiency experiment: from scratch vs pretrained inits at several label fractions and seeds.
 
 Each cell (init, mode, fraction, seed) is one ordinary ``train`` run followed by
-an evaluation on the test split. Finished cells are appended to
+an evaluation on the test split. Finished cells are added to
 ``label_efficiency.csv`` as they complete, so an interrupted experiment resumes
-where it stopped without redoing them.
+where it stopped without redoing them. The summary tables (CSV for the report,
+markdown for people) and the figure are derived from it and redrawn at the end.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ import yaml
 from leukolab.config import read_yaml
 from leukolab.data.splits import check_fraction
 from leukolab.errors import LeukolabError
+from leukolab.evaluation.manifest import record
+from leukolab.evaluation.metrics import METRICS
+from leukolab.evaluation.plots import save_figure
+from leukolab.evaluation.tables import (
+    COLLAPSE_NOTE,
+    label_efficiency_summary,
+    label_efficiency_table,
+    to_markdown,
+    write_table,
+)
 from leukolab.models.weights import checkpoint_backbone_spec
 from leukolab.pipelines.classify import evaluate_run, train_classifier
-from leukolab.utils.runs import replace_file, write_new
+from leukolab.utils.files import write_text
 
 RESULTS = "label_efficiency.csv"
-METRICS = ("balanced_accuracy", "f1_macro", "accuracy")
 
 
 def plan_cells(
@@ -100,15 +110,17 @@ def run_label_efficiency(
                 raise LeukolabError(f"{out} holds an experiment with a different setup; use a new --out folder")
             # the inits already there keep their place (the first one fixes the architecture)
             spec["pretrained"] = {**saved["pretrained"], **{k: want["pretrained"][k] for k in added}}
-            replace_file(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+            write_text(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False),
+                       overwrite=True)
             log(f"adding {', '.join(added)} to the experiment in {out}; finished cells are kept")
         else:
             log(f"resuming the experiment in {out}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_new(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+        write_text(out / "experiment.yaml", yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+    record(out, "experiment.yaml", "config", "experiment setup")
     inits: dict[str, str | None] = {"scratch": None, **spec["pretrained"]}
-    arch = checkpoint_backbone_spec(next(iter(spec["pretrained"].values()))) if pretrained else {}
+    # the first pretrained init fixes the architecture of every cell (scratch included)
+    arch = checkpoint_backbone_spec(next(iter(spec["pretrained"].values()))) if pretrained else None
     results_path = out / RESULTS
     done = set()
     if results_path.is_file():
@@ -118,11 +130,11 @@ def run_label_efficiency(
     log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
     for i, cell in enumerate(todo, 1):
         overrides = dict(base_overrides or {})
-        if arch:
-            overrides.setdefault("model.backbone", arch["backbone"])
-            overrides.setdefault("model.backbone_kwargs", arch["backbone_kwargs"])
-            if arch.get("img_size"):
-                overrides.setdefault("data.img_size", arch["img_size"])
+        if arch is not None:
+            overrides.setdefault("model.backbone", arch.name)
+            overrides.setdefault("model.backbone_kwargs", dict(arch.kwargs))
+            if arch.img_size:
+                overrides.setdefault("data.img_size", arch.img_size)
         overrides.update({
             "data.path": spec["data"], "data.label_fraction": cell["fraction"], "seed": cell["seed"],
             "model.init": cell["init_path"], "model.freeze_backbone": cell["mode"] == "linear",
@@ -139,7 +151,7 @@ def run_label_efficiency(
         eval_dir = evaluate_run(run_dir, check_images=False, show_progress=False)
         m = json.loads((eval_dir / "metrics.json").read_text())
         row = {k: v for k, v in cell.items() if k != "init_path"}
-        row.update({k: m[k] for k in METRICS})
+        row.update({k: m[k] for k in METRICS if k in m})
         row["n_predicted_classes"] = m["n_predicted_classes"]
         row["n_classes"] = len(m["class_names"])
         row["run"] = str(run_dir)
@@ -149,58 +161,13 @@ def run_label_efficiency(
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Add a finished cell to the results CSV (rewritten atomically when the row brings a new column)."""
-    if not path.is_file():
-        replace_file(path, pd.DataFrame([row]).to_csv(index=False))
-        return
-    header = pd.read_csv(path, nrows=0).columns.tolist()
-    if set(row) <= set(header):
-        pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
-    else:  # a newer leukolab records more per cell: keep every earlier row, add the column
-        merged = pd.concat([pd.read_csv(path), pd.DataFrame([row])], ignore_index=True)
-        replace_file(path, merged.to_csv(index=False))
-
-
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per (init, mode, fraction)."""
-    g = results.groupby(["init", "mode", "fraction"], sort=False)
-    out = g[list(METRICS)].agg(["mean", "std"]).reset_index()
-    out.columns = ["_".join(c).strip("_") for c in out.columns]
-    out["n_seeds"] = g.size().values
-    # a model that predicts fewer classes than exist has (partly) collapsed: flagged in the table
-    out["min_predicted_classes"] = g["n_predicted_classes"].min().values
-    out["n_classes"] = g["n_classes"].max().values if "n_classes" in results else float("nan")
-    return out
-
-
-def to_markdown(summary: pd.DataFrame) -> str:
-    """Rows = init/mode, columns = label fractions, cells 'balanced accuracy / macro F1' mean ± std."""
-    fractions = sorted(summary["fraction"].unique(), reverse=True)
-    lines = ["| init | mode | " + " | ".join(f"{f:g} labels: bal. acc / macro F1" for f in fractions) + " |",
-             "|---|---|" + "---:|" * len(fractions)]
-    flagged = False
-    for (init, mode), part in summary.groupby(["init", "mode"], sort=False):
-        cells = []
-        for f in fractions:
-            r = part[part["fraction"] == f]
-            if r.empty:
-                cells.append("–")
-                continue
-            r = r.iloc[0]
-            if pd.isna(r["balanced_accuracy_std"]):  # one seed: no spread to show
-                cell = f"{r['balanced_accuracy_mean']:.3f} / {r['f1_macro_mean']:.3f} (1 seed)"
-            else:
-                cell = (f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f} / "
-                        f"{r['f1_macro_mean']:.3f} ± {r['f1_macro_std']:.3f}")
-            if r.get("min_predicted_classes", 0) < r.get("n_classes", 0):  # NaN-safe: False when unknown
-                cell += f" ⚠ {int(r['min_predicted_classes'])}/{int(r['n_classes'])} classes"
-                flagged = True
-            cells.append(cell)
-        lines.append(f"| {init} | {mode} | " + " | ".join(cells) + " |")
-    if flagged:
-        lines.append("")
-        lines.append("⚠ k/N classes: in some seed the model predicted only k of the N classes (collapse).")
-    return "\n".join(lines) + "\n"
+    """Add a finished cell to the results CSV, rewritten atomically (an interruption leaves the old file
+    or the new one). A row that brings a new column keeps every earlier row (blank in that column)."""
+    frame = pd.DataFrame([row])
+    if path.is_file():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    write_text(path, frame.to_csv(index=False), overwrite=True)
+    record(path.parent, path.name, "table", "label efficiency: one row per finished cell")
 
 
 def plot(summary: pd.DataFrame, path: Path) -> Path:
@@ -217,15 +184,21 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "label efficiency: balanced accuracy and macro F1 against the label fraction")
 
 
 def write_summary(out: Path) -> None:
-    """(Re)write label_efficiency.md and .png from label_efficiency.csv (derived files)."""
+    """(Re)write the derived files from label_efficiency.csv: label_efficiency_summary.csv (numbers),
+    label_efficiency_table.csv and .md (the display table) and label_efficiency.png."""
     results = pd.read_csv(out / RESULTS)
-    summary = summarise(results)
-    summary.to_csv(out / "label_efficiency_summary.csv", index=False)
-    (out / "label_efficiency.md").write_text(to_markdown(summary))
+    summary = label_efficiency_summary(results)
+    table = label_efficiency_table(summary)
+    write_table(summary, out / "label_efficiency_summary.csv", "label efficiency: mean and std over seeds",
+                overwrite=True)
+    write_table(table, out / "label_efficiency_table.csv",
+                "label efficiency: balanced accuracy / macro F1, mean ± std over seeds", overwrite=True)
+    text = to_markdown(table, index=False)
+    if table.map(lambda v: "⚠" in str(v)).to_numpy().any():
+        text += "\n" + COLLAPSE_NOTE + "\n"
+    write_text(out / "label_efficiency.md", text, overwrite=True)
     plot(summary, out / "label_efficiency.png")

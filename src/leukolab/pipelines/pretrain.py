@@ -1,19 +1,18 @@
 """Self-supervised pretraining (the ``pretrain`` command): MAE or DINO on unlabelled folders.
 
 Config (``configs/pretrain.yaml``) -> images (folders read recursively, a
-deterministic share per folder left out, a seeded validation split) ->
-objective (:class:`~leukolab.objectives.mae.MAEObjective` or
-:class:`~leukolab.objectives.dino.DINOObjective`) -> the shared
-:class:`~leukolab.training.loop.Trainer` -> run folder with ``config.yaml``,
+deterministic share per folder left out, a seeded validation split) -> the
+objective named by ``method``, built from :data:`leukolab.registry.PRETRAIN_METHODS`
+with its config section (``mae:`` / ``dino:``) -> the shared run lifecycle
+(:mod:`leukolab.pipelines.lifecycle`) -> run folder with ``config.yaml``,
 ``splits.csv``, ``history.csv``, ``curves.png``, ``best.pt``, ``last.pt``
 (and ``reconstructions.png`` for MAE).
 
-Checkpoints hold the backbone in timm naming (``backbone``) with
-``backbone_name``, ``img_size``, ``backbone_kwargs`` (``reg_tokens`` included
-when registers were used), ``registers`` and ``task`` (``pretrain-mae`` /
-``pretrain-dino``); :func:`leukolab.models.weights.checkpoint_backbone_spec`
-reads them back so that a classifier can be built with the matching architecture before
-:func:`leukolab.models.weights.load_backbone_weights` loads the weights.
+Checkpoints hold the backbone in timm naming (``backbone``) with its
+``backbone_spec`` (timm name, ``backbone_kwargs`` with ``reg_tokens`` when
+registers were used, image and patch size, normalisation) and ``task``
+(``pretrain-mae`` / ``pretrain-dino``); :func:`leukolab.models.weights.load_backbone_weights`
+loads them into a classifier of the matching architecture.
 """
 
 from __future__ import annotations
@@ -25,29 +24,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
-from leukolab.config import diff_overrides, read_yaml, resolve
+import leukolab.objectives  # noqa: F401 - registers the built-in objectives
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import ImageDataset
-from leukolab.data.multicrop import MultiCropTransform
 from leukolab.data.readers import IMAGE_EXTENSIONS, list_images
-from leukolab.data.transforms import MEAN, STD, eval_transform
+from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
-from leukolab.evaluation.plots import plot_curves
-from leukolab.models.backbones import create_backbone, is_vit, resolve_backbone_name
-from leukolab.objectives.base import Objective
-from leukolab.objectives.dino import DINOObjective
+from leukolab.evaluation.reconstructions import ReconstructionFigure
+from leukolab.models.backbones import create_backbone, resolve_backbone_name
+from leukolab.objectives.base import PretrainObjective
 from leukolab.objectives.mae import MAEObjective
+from leukolab.pipelines.lifecycle import open_run
+from leukolab.registry import PRETRAIN_METHODS
 from leukolab.training import distributed
 from leukolab.training.loaders import build_loader
-from leukolab.training.loop import Trainer, TrainerConfig
-from leukolab.utils.runs import dump_yaml, new_run_dir
-from leukolab.utils.seed import seed_everything
-
-METHODS = ("mae", "dino")
-
+from leukolab.training.loop import TrainerConfig
 
 
 # --------------------------------------------------------------------------- data
@@ -101,30 +93,10 @@ def split_pool(paths: list[Path], val_fraction: float, seed: int) -> tuple[list[
     return [p for i, p in enumerate(paths) if i not in val_idx], [p for i, p in enumerate(paths) if i in val_idx]
 
 
-def mae_transform(img_size: int) -> v2.Compose:
-    """MAE augmentation: random resized crop (scale 0.2-1), flips, normalise."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop((img_size, img_size), scale=(0.2, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
-
-
-def multicrop_transform(cfg: dict[str, Any]) -> MultiCropTransform:
-    """The DINO views of a resolved config."""
-    d = cfg["dino"]
-    return MultiCropTransform(cfg["data"]["img_size"], d["local_size"], d["local_crops"], d["global_scale"],
-                              d["local_scale"], d["jitter"])
-
-
-def make_loader(paths: list[Path], transform: Any, batch_size: int, *, train: bool, num_workers: int = 0,
-                cache: bool = False, seed: int = 0, max_side: int | None = None) -> DataLoader:
-    """A DataLoader of ``(transformed image, -1)`` over unlabelled ``paths`` (shrunk to ``max_side`` on decoding)."""
-    ds = ImageDataset(paths, None, transform, cache=cache, max_side=max_side)
-    return build_loader(ds, batch_size, train=train, num_workers=num_workers, seed=seed)
+def splits_table(train: list[Path], val: list[Path], ignored: list[Path]) -> pd.DataFrame:
+    """``splits.csv``: one ``(path, split)`` row per image (``train``, ``val`` or ``ignored``)."""
+    rows = [(str(p), s) for s, part in (("train", train), ("val", val), ("ignored", ignored)) for p in part]
+    return pd.DataFrame(rows, columns=["path", "split"])
 
 
 # --------------------------------------------------------------------------- model
@@ -137,12 +109,11 @@ def backbone_kwargs_with_registers(name: str, img_size: int, registers: int, kwa
         return kwargs
     if kwargs.get("reg_tokens") not in (None, registers):
         raise LeukolabError(f"--registers {registers} disagrees with backbone_kwargs reg_tokens={kwargs['reg_tokens']}")
-    resolved = resolve_backbone_name(name)
-    refusal = (f"--registers {registers}: backbone {resolved} cannot take register tokens; "
+    refusal = (f"--registers {registers}: backbone {name} cannot take register tokens; "
                "expected a Vision Transformer such as vit_tiny_patch16")
     try:
-        model = create_backbone(resolved, img_size, reg_tokens=registers, **{k: v for k, v in kwargs.items()
-                                                                             if k != "reg_tokens"})
+        model = create_backbone(name, img_size, reg_tokens=registers,
+                                **{k: v for k, v in kwargs.items() if k != "reg_tokens"})
     except LeukolabError:
         raise LeukolabError(refusal) from None
     if getattr(model, "reg_token", None) is None:
@@ -151,79 +122,38 @@ def backbone_kwargs_with_registers(name: str, img_size: int, registers: int, kwa
     return kwargs
 
 
-def build_objective(cfg: dict[str, Any]) -> Objective:
-    """The MAE or DINO objective of a resolved config."""
-    method = cfg["method"]
-    if method not in METHODS:
-        raise LeukolabError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+def build_objective(cfg: dict[str, Any]) -> PretrainObjective:
+    """The objective named by ``cfg["method"]``, built with the ``model:`` backbone and its own config section."""
+    factory = PRETRAIN_METHODS.get(cfg["method"])  # an unknown method: one line listing the choices
     m, img_size = cfg["model"], int(cfg["data"]["img_size"])
     name = resolve_backbone_name(m["backbone"])
     kwargs = backbone_kwargs_with_registers(name, img_size, m["registers"], m.get("backbone_kwargs") or {})
-    extras = {"config": cfg}
-    if method == "mae":
-        c = cfg["mae"]
-        ratio = float(c["mask_ratio"])
-        if not 0.0 < ratio < 1.0:
-            raise LeukolabError(f"mask ratio {ratio} is outside (0, 1); expected e.g. 0.75")
-        return MAEObjective(
-            name, img_size, kwargs, mask_ratio=ratio, decoder_dim=c["decoder_dim"], decoder_depth=c["decoder_depth"],
-            decoder_heads=c["decoder_heads"], norm_pix_loss=c["norm_pix_loss"],
-            visible_loss_weight=c["visible_loss_weight"], fixed_pos_embed=c["fixed_pos_embed"],
-            drop_path=m["drop_path"], extras=extras,
-        )
-    c = cfg["dino"]
-    if int(c["local_crops"]) < 0:
-        raise LeukolabError(f"local crops {c['local_crops']} must be >= 0")
-    objective = DINOObjective(
-        name, img_size, kwargs, out_dim=c["out_dim"], hidden_dim=c["hidden_dim"], bottleneck_dim=c["bottleneck_dim"],
-        student_temp=c["student_temp"], teacher_temp=c["teacher_temp"], warmup_teacher_temp=c["warmup_teacher_temp"],
-        teacher_temp_warmup_ratio=c["teacher_temp_warmup_ratio"], momentum=c["momentum"],
-        center_momentum=c["center_momentum"], koleo_weight=c["koleo_weight"],
-        freeze_last_layer_ratio=c["freeze_last_layer_ratio"], drop_path=m["drop_path"], extras=extras,
-    )
-    backbone = objective.student.backbone
-    if is_vit(backbone) and int(c["local_crops"]) > 0:
-        patch = backbone.patch_embed.patch_size[0]
-        if int(c["local_size"]) % patch:
-            raise LeukolabError(f"local crop size {c['local_size']} is not a multiple of {name}'s patch size {patch}")
-    return objective
+    return factory(backbone=name, img_size=img_size, backbone_kwargs=kwargs, drop_path=m["drop_path"],
+                   **cfg.get(cfg["method"], {}))
 
 
 # --------------------------------------------------------------------------- run
-def _effective_lr(cfg: dict[str, Any]) -> float:
-    world = distributed.world_size()
+def effective_lr(cfg: dict[str, Any]) -> float:
+    """``base_lr * batch_size * grad_accum * world_size / 256`` (the MAE / DINO scaling rule)."""
     o = cfg["optim"]
-    return float(o["base_lr"]) * int(cfg["data"]["batch_size"]) * int(o["grad_accum"]) * world / 256
+    return float(o["base_lr"]) * int(cfg["data"]["batch_size"]) * int(o["grad_accum"]) * distributed.world_size() / 256
 
 
 def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
-    """The loop's knobs: ``lr = base_lr * batch * accum * world / 256``, warm-up as a share of the epochs."""
+    """The loop's knobs: the effective learning rate, warm-up as a share of the epochs."""
     tc = TrainerConfig.from_config(cfg)
-    tc.lr = _effective_lr(cfg)
+    tc.lr = effective_lr(cfg)
     tc.warmup_epochs = float(cfg["optim"]["warmup_ratio"]) * int(cfg["train"]["epochs"])
     return tc
 
 
-def _load_config(config_file: Path | None, overrides: dict[str, Any], resume: Path | None) -> dict[str, Any]:
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise LeukolabError(f"cannot resume: {run_dir} has no config.yaml; expected a leukolab pretrain run folder")
-        cfg = read_yaml(run_dir / "config.yaml")
-        if cfg.get("method") not in METHODS:
-            raise LeukolabError(f"cannot resume: {run_dir} is not a leukolab pretrain run")
-        conflicts = diff_overrides(cfg, overrides)
-        if conflicts:
-            raise LeukolabError(f"cannot resume {run_dir} with a different config: {'; '.join(conflicts)}")
-        return cfg
-    cfg = resolve("pretrain", config_file, overrides)
+def _prepare(cfg: dict[str, Any]) -> None:
+    """A new run's data folders, made absolute."""
     paths = cfg["data"]["paths"]
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
     if not paths:
         raise LeukolabError("no DATA given; expected one or more folders of unlabelled images")
     cfg["data"]["paths"] = [str(Path(p).resolve()) for p in paths]
-    return cfg
 
 
 def pretrain(
@@ -238,49 +168,28 @@ def pretrain(
     ``resume`` continues the interrupted run in that folder with its saved
     config; overrides that disagree with it are refused.
     """
-    overrides = overrides or {}
-    cfg = _load_config(config_file, overrides, Path(resume) if resume is not None else None)
-    seed = int(cfg["seed"])
-    seed_everything(seed)
-    distributed.init_distributed(cfg["train"]["device"])
-    d = cfg["data"]
-    if int(d["batch_size"]) < 1:
-        raise LeukolabError(f"batch size {d['batch_size']} must be >= 1")
+    run = open_run("pretrain", out, config_file, overrides, resume, prepare=_prepare,
+                   name=name or (lambda c: f"{c['method']}-{c['model']['backbone']}-s{c['seed']}"))
+    cfg, d = run.cfg, run.cfg["data"]
     used, ignored = collect_images(d["paths"], float(d["ignore_fraction"]))
-    train_paths, val_paths = split_pool(used, float(d["val_fraction"]), seed)
+    train_paths, val_paths = split_pool(used, float(d["val_fraction"]), run.seed)
     objective = build_objective(cfg)  # before any file is written: bad options leave nothing behind
-    if d["check_images"] and resume is None:
+    train_tf, val_tf = objective.transforms()
+    if d["check_images"] and not run.resumed:
         require_readable(used, cfg["train"]["progress"])
-    if resume is None:
-        if out is None:
-            raise LeukolabError("no --out folder given for the run")
-        run_dir = distributed.shared_run_dir(
-            lambda: new_run_dir(out, name or f"{cfg['method']}-{cfg['model']['backbone']}-s{seed}"))
-        if distributed.is_main():
-            dump_yaml(cfg, run_dir / "config.yaml")
-            rows = ([(str(p), "train") for p in train_paths] + [(str(p), "val") for p in val_paths]
-                    + [(str(p), "ignored") for p in ignored])
-            pd.DataFrame(rows, columns=["path", "split"]).to_csv(run_dir / "splits.csv", index=False)
-    else:
-        run_dir = Path(resume)
     img_size, bs = int(d["img_size"]), int(d["batch_size"])
-    if cfg["method"] == "mae":
-        train_tf, val_tf = mae_transform(img_size), eval_transform(img_size)
-    else:
-        train_tf = val_tf = multicrop_transform(cfg)
-    loader_kw = dict(num_workers=int(d["num_workers"]), cache=bool(d["cache_images"]), seed=seed,
-                     max_side=2 * img_size)
-    train_loader = make_loader(train_paths, train_tf, bs, train=True, **loader_kw)
-    val_loader = make_loader(val_paths, val_tf, bs, train=False, **loader_kw) if val_paths else None
+
+    def loader(paths: list[Path], transform: Any, train: bool) -> Any:
+        ds = ImageDataset(paths, None, transform, cache=bool(d["cache_images"]), max_side=2 * img_size)
+        return build_loader(ds, bs, train=train, num_workers=int(d["num_workers"]), seed=run.seed)
+
+    callbacks = []
     if isinstance(objective, MAEObjective):
         pool = val_paths or train_paths
-        preview_paths = pool[:: max(1, len(pool) // 8)][:8]  # spread over the pool (its folders are sorted)
-        ds = ImageDataset(preview_paths, None, eval_transform(img_size))
-        objective.set_preview(torch.stack([ds[i][0] for i in range(len(ds))]))
-    trainer = Trainer(objective, trainer_config(cfg), run_dir, meta={"lr": _effective_lr(cfg)})
-    if resume is not None:
-        trainer.resume(run_dir / "last.pt")
-    trainer.fit(train_loader, val_loader)
-    if distributed.is_main():
-        plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
-    return run_dir
+        preview = ImageDataset(pool[:: max(1, len(pool) // 8)][:8], None, eval_transform(img_size))  # spread out
+        images = torch.stack([preview[i][0] for i in range(len(preview))])
+        callbacks.append(ReconstructionFigure(objective.model, images))
+    run.fit(objective, loader(train_paths, train_tf, True), loader(val_paths, val_tf, False) if val_paths else None,
+            trainer_config(cfg), tables={"splits.csv": splits_table(train_paths, val_paths, ignored)},
+            meta={"lr": effective_lr(cfg)}, callbacks=callbacks)
+    return run.dir

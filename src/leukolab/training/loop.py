@@ -1,10 +1,17 @@
 """The one training loop, shared by classification, MAE, DINO and later tasks.
 
 :class:`Trainer` runs any :class:`~leukolab.objectives.base.Objective`:
-AdamW, warm-up + cosine schedule, gradient accumulation, gradient clipping,
-autocast on CUDA (never on CPU, where bf16 is ~80x slower), best-by-validation
-and last checkpoints, keep-last-N per-epoch checkpoints, exact resume, a
-``history.csv`` per epoch and a tqdm progress bar.
+AdamW over the objective's own parameter groups, warm-up + cosine schedule,
+gradient accumulation, gradient clipping, autocast on CUDA (never on CPU, where
+bf16 is ~80x slower), the validation loop (the objective's ``validation_step``
+per batch, then ``validation_epoch_end``), best-by-validation and last
+checkpoints, keep-last-N per-epoch checkpoints, exact resume, a
+``history.csv`` per epoch, epoch callbacks (figures) and a tqdm progress bar.
+Batches may be anything :func:`move_to` can move (tensors nested in lists,
+tuples and dicts), so detection targets and MIL bags train here too.
+
+Checkpoints hold plain data only (:func:`leukolab.checkpoints.save_checkpoint`)
+and are read back with ``weights_only=True`` (:func:`leukolab.checkpoints.load_checkpoint`).
 
 Multi-GPU runs use ``torchrun`` + DDP: when ``WORLD_SIZE`` > 1 the process joins
 the group (:mod:`leukolab.training.distributed`), every training step goes
@@ -15,10 +22,9 @@ gradients over the ranks) and only rank 0 writes files.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +34,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from leukolab.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from leukolab.errors import LeukolabError
 from leukolab.objectives.base import Objective, StepOutput
 from leukolab.training import distributed
 from leukolab.training.schedule import warmup_cosine
+from leukolab.utils.files import atomic_write
 from leukolab.utils.progress import progress
+
+#: called on the writing process after every epoch's checkpoints: ``callback(epoch, run_dir)``
+EpochCallback = Callable[[int, Path], None]
 
 
 @dataclass
@@ -96,9 +107,14 @@ class _Step(nn.Module):
 
 
 class Trainer:
-    """Runs an :class:`Objective` for a number of epochs, writing into ``run_dir``."""
+    """Runs an :class:`Objective` for a number of epochs, writing into ``run_dir``.
 
-    def __init__(self, objective: Objective, config: TrainerConfig, run_dir: Path, meta: dict[str, Any] | None = None):
+    ``meta`` (plain data: the run's config ...) is stored in every checkpoint;
+    ``callbacks`` run on the writing process after every epoch.
+    """
+
+    def __init__(self, objective: Objective, config: TrainerConfig, run_dir: Path, meta: dict[str, Any] | None = None,
+                 callbacks: Sequence[EpochCallback] = ()) -> None:
         if config.grad_accum < 1:
             raise LeukolabError(f"grad_accum {config.grad_accum} must be >= 1")
         if config.epochs < 1:
@@ -106,6 +122,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.meta = meta or {}
+        self.callbacks = list(callbacks)
         distributed.init_distributed(config.device)
         self.world_size = distributed.world_size()
         self.rank = distributed.rank()
@@ -175,8 +192,7 @@ class Trainer:
             train_logs = self._train_epoch(train_loader, steps_per_epoch)
             row: dict[str, float] = {"epoch": self.epoch + 1, **train_logs}
             if val_loader is not None:
-                self.objective.eval()
-                row.update(self.objective.validate(val_loader, self.device))
+                row.update(self.validate(val_loader))
             row["lr"] = self.current_lr()
             row["epoch_time_s"] = time.perf_counter() - t0
             self.history.append(row)
@@ -187,6 +203,25 @@ class Trainer:
         return self.history
 
     _pending_scheduler_state: dict[str, Any] | None = None
+
+    @torch.no_grad()
+    def validate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """The objective's validation scalars over ``loader``.
+
+        Each batch goes to the device and through ``validation_step`` (no grad,
+        autocast on GPU); ``validation_epoch_end`` adds them up. The CPU random
+        generator is seeded with 0 for the pass and restored after it, so random
+        views (DINO's crops) are the same every epoch and training is unaffected.
+        """
+        self.objective.eval()
+        outputs = []
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(0)
+            for batch in loader:
+                batch = move_to(batch, self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    outputs.append(self.objective.validation_step(batch))
+        return self.objective.validation_epoch_end(outputs)
 
     def _seed_epoch(self, loader: Any) -> None:
         """Shuffle order depends on (seed, epoch) only, so a resumed run sees the same batches."""
@@ -264,50 +299,44 @@ class Trainer:
         return False
 
     def _end_epoch(self, row: dict[str, float]) -> None:
-        pd.DataFrame(self.history).to_csv(self.run_dir / "history.csv", index=False)
+        history = pd.DataFrame(self.history)
+        atomic_write(self.run_dir / "history.csv", lambda tmp: history.to_csv(tmp, index=False), overwrite=True)
         improved = self._improved(row)
         state = self.state_dict()
-        self._atomic_save(state, self.run_dir / "last.pt")
+        save_checkpoint(state, self.run_dir / "last.pt")
         if improved:
-            self._atomic_save(self._weights_only(state), self.run_dir / "best.pt")
+            save_checkpoint(self._weights_only(state), self.run_dir / "best.pt")
         if self.config.keep_last > 0:
             ckpt_dir = self.run_dir / "checkpoints"
-            ckpt_dir.mkdir(exist_ok=True)
-            self._atomic_save(state, ckpt_dir / f"epoch_{self.epoch:04d}.pt")
+            save_checkpoint(state, ckpt_dir / f"epoch_{self.epoch:04d}.pt")
             for old in sorted(ckpt_dir.glob("epoch_*.pt"))[: -self.config.keep_last]:
                 old.unlink()
         self.objective.on_epoch_end(self.epoch, self.run_dir, self.device)
-
-    @staticmethod
-    def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        for callback in self.callbacks:
+            callback(self.epoch, self.run_dir)
 
     @staticmethod
     def _weights_only(state: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in state.items() if k not in {"optimizer", "scheduler", "scaler", "rng"}}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly, plus the backbone in timm naming."""
+        """Everything needed to resume exactly (plain data), plus the backbone in timm naming and its spec."""
+        spec = self.objective.backbone_spec()
         return {
-            "format": "leukolab-checkpoint-v1",
+            "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
             "monitor": self.objective.monitor,
             "objective": self.objective.state_dict(),
             "backbone": self.objective.export_backbone(),
+            "backbone_spec": spec.to_dict() if spec is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "history": self.history,
             "trainer_config": asdict(self.config),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": rng_state(),
             **self.meta,
             **self.objective.checkpoint_extras(),
         }
@@ -322,21 +351,42 @@ class Trainer:
         self.step = int(state["step"])
         self.best = state.get("best")
         self.history = list(state.get("history", []))
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        if state.get("rng"):
+            set_rng_state(state["rng"])
 
     def resume(self, path: Path) -> None:
         """Resume from ``path`` (``last.pt`` of an interrupted run)."""
         if not path.is_file():
             raise LeukolabError(f"cannot resume: {path} does not exist; expected the last.pt of an earlier run")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)
+        except LeukolabError as exc:
+            raise LeukolabError(f"cannot resume from {path}: {exc} (checkpoints written before "
+                                f"{CHECKPOINT_FORMAT} cannot be resumed; start a new run)") from None
+        try:
             self.load_state_dict(state)
         except LeukolabError:
             raise
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise LeukolabError(f"cannot resume from {path} ({exc.__class__.__name__}: {first})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, NumPy and Python random states as plain data (tensors, numbers, lists)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

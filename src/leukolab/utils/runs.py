@@ -1,9 +1,12 @@
-"""Run folders: every run gets a new one, nothing is ever overwritten."""
+"""Run folders: every run gets a new one, nothing is ever overwritten.
+
+The file helpers here (:func:`write_new`, :func:`replace_file`, :func:`dump_yaml`,
+:func:`dump_json`) are thin wrappers of the one atomic writer, :mod:`leukolab.utils.files`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 import yaml
 
 from leukolab.errors import LeukolabError
+from leukolab.utils.files import write_text
 
 
 def new_run_dir(parent: Path | str, name: str) -> Path:
@@ -44,30 +48,21 @@ def unique_child(parent: Path, name: str) -> Path:
     raise LeukolabError(f"could not create a new folder {name} in {parent}")
 
 
-def write_new(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path``, refusing to replace an existing file."""
-    try:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(text)
-    except FileExistsError:
-        raise LeukolabError(f"{path} already exists; refusing to overwrite it") from None
-    return path
+def write_new(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, refusing to replace an existing file (see :mod:`leukolab.utils.files`)."""
+    return write_text(path, text)
 
 
-def replace_file(path: Path, text: str) -> Path:
+def replace_file(path: Path | str, text: str) -> Path:
     """Atomically replace ``path`` with ``text`` (a reader sees the old or the new file, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text, overwrite=True)
 
 
-def dump_yaml(data: dict[str, Any], path: Path) -> Path:
-    """Write ``data`` as YAML (a new file)."""
-    return write_new(path, yaml.safe_dump(data, sort_keys=False))
+def dump_yaml(data: dict[str, Any], path: Path | str) -> Path:
+    """Write ``data`` as YAML (a new file, atomically)."""
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def dump_json(data: Any, path: Path) -> Path:
-    """Write ``data`` as indented JSON (a new file)."""
-    return write_new(path, json.dumps(data, indent=2, default=str) + "\n")
+def dump_json(data: Any, path: Path | str) -> Path:
+    """Write ``data`` as indented JSON (a new file, atomically)."""
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")

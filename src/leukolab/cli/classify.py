@@ -1,4 +1,4 @@
-"""``leukolab train | evaluate | predict | stats``."""
+"""``leukolab train | evaluate | predict | stats``: the image classifier."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from leukolab.cli.app import app
+from leukolab.cli.app import ALLOW_PICKLE_HELP, app
 from leukolab.errors import LeukolabError
 
 
@@ -29,6 +29,7 @@ def train(
     min_samples_per_epoch: Optional[int] = typer.Option(
         None, "--min-samples-per-epoch", help="Repeat a small labelled set up to this many samples per epoch."),
     init: Optional[Path] = typer.Option(None, "--init", help="Local checkpoint to initialise the backbone."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP + " For --init."),
     head: Optional[str] = typer.Option(None, "--head", help="linear or mlp."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
                                                    help="Linear probe on frozen features."),
@@ -57,7 +58,7 @@ def train(
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
     elif data is None and config is None:
         raise LeukolabError("no DATA given; expected a folder of class folders or a path,label CSV")
-    run_dir = train_classifier(out, config, overrides, resume=resume, name=name)
+    run_dir = train_classifier(out, config, overrides, resume=resume, name=name, allow_pickle=allow_pickle)
     typer.echo(f"run folder: {run_dir}")
 
 
@@ -84,12 +85,13 @@ def predict(
 ) -> None:
     """Predicted class and probabilities of each image."""
     from leukolab.pipelines.classify import predict_images
+    from leukolab.utils.files import write_text
 
+    if out is not None and out.exists():
+        raise LeukolabError(f"{out} already exists; refusing to overwrite it")
     table = predict_images(run, list(images))
     if out is not None:
-        if out.exists():
-            raise LeukolabError(f"{out} already exists; refusing to overwrite it")
-        table.to_csv(out, index=False)
+        write_text(out, table.to_csv(index=False))
         typer.echo(f"wrote {out}")
     else:
         typer.echo(table.to_csv(index=False, float_format="%.4f"), nl=False)
@@ -101,7 +103,13 @@ def stats(
     fractions: str = typer.Option("0.5,0.1,0.01", "--fractions", help="Comma-separated label fractions."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Per-class counts: train / val / test and each label-fraction subset."""
+    """Per-class counts: train / val / test and each label-fraction subset (boxes for a detection folder)."""
+    from leukolab.data.detection import is_detection_layout
+
+    if is_detection_layout(data):  # VOC / COCO / YOLO boxes: per-class box counts and sizes
+        from leukolab.cli.detect import stats as detection_stats
+
+        return detection_stats(data)
     from leukolab.pipelines.classify import dataset_stats
 
     try:

@@ -49,8 +49,6 @@ def pretrain(
         "optim.grad_accum": grad_accum, "train.epochs": epochs, "train.keep_last": keep_last, "train.device": device,
         "seed": seed,
     }
-    if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
-        raise LeukolabError(f"mask ratio {mask_ratio} is outside (0, 1); expected e.g. 0.75")
     if resume is None and not data and config is None:
         raise LeukolabError("no DATA given; expected one or more folders of unlabelled images")
     run_dir = run_pretrain(out, config, overrides, resume=resume, name=name)

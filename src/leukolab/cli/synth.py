@@ -1,4 +1,4 @@
-"""``leukolab synth wbc|pool``: write procedural synthetic data."""
+"""``leukolab synth wbc | pool``: write procedural synthetic data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from leukolab.cli.app import synth_app
+from leukolab.cli.app import add_group
+
+synth_app = add_group("synth", "Write procedural synthetic data sets.")
 
 
 @synth_app.command("wbc")
@@ -19,9 +21,10 @@ def synth_wbc(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Synthetic WBC crops: one folder per class, masks/ and metadata.csv."""
-    from leukolab.data.synthetic import make_wbc_dataset
+    from leukolab.pipelines import synth
 
-    path = make_wbc_dataset(out, n_per_class, size=size, seed=seed, difficulty=difficulty, progress=progress)
+    options = synth.SynthOptions(size=size, seed=seed, difficulty=difficulty, progress=progress)
+    path = synth.synth_wbc(out, n_per_class, options)
     typer.echo(f"wrote {path}")
 
 
@@ -36,8 +39,8 @@ def synth_pool(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """An unlabelled pretraining pool: WBC crops mixed with tissue-like patches."""
-    from leukolab.data.synthetic import make_pool
+    from leukolab.pipelines import synth
 
-    path = make_pool(out, n, size=size, seed=seed, tissue_fraction=tissue_fraction, difficulty=difficulty,
-                     progress=progress)
+    options = synth.SynthOptions(size=size, seed=seed, difficulty=difficulty, progress=progress)
+    path = synth.synth_pool(out, n, tissue_fraction, options)
     typer.echo(f"wrote {path}")

@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from leukolab.cli.app import app
+from leukolab.cli.app import add_group
 from leukolab.errors import LeukolabError
 
-experiment_app = typer.Typer(help="Multi-run experiments.", no_args_is_help=True)
-app.add_typer(experiment_app, name="experiment")
+experiment_app = add_group("experiment", "Multi-run experiments.")
 
 
 def parse_pretrained(items: list[str]) -> dict[str, str]:

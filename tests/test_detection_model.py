@@ -1,0 +1,149 @@
+"""Detectors: target encoding, a short training that finds the white cells, tiled prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from leukolab.data.detection import DetectionDataset, detection_collate, read_detection
+from leukolab.data.detection.transforms import detection_eval_transform
+from leukolab.data.synthetic.smears import make_smears
+from leukolab.errors import LeukolabError
+from leukolab.evaluation.detection import GroundTruth, Prediction, coco_metrics
+from leukolab.models.detection import CenterNet, Detector
+from leukolab.models.detection_infer import TileSpec, check_tiles, predict_field
+from leukolab.registry import DETECTORS
+
+
+def test_registry_builds_random_detectors_offline() -> None:
+    assert {"centernet", "ssdlite", "fasterrcnn_mobilenet"} <= set(DETECTORS.names())
+    with pytest.raises(LeukolabError, match="unknown detector"):
+        DETECTORS.build("yolo_ultra", num_classes=3)
+    m = DETECTORS.build("ssdlite", num_classes=2, img_size=128).eval()
+    out = m.predict(torch.zeros(1, 3, 96, 128, dtype=torch.uint8))
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_centernet_targets_peak_at_centres_and_decode_back_to_the_boxes() -> None:
+    m = CenterNet(2, backbone="resnet10t", channels=16)
+    boxes = torch.tensor([[8.0, 12.0, 40.0, 36.0], [60.0, 20.0, 70.0, 28.0]])
+    heat, box_t, weight = m.encode([{"boxes": boxes, "labels": torch.tensor([0, 1])}], 16, 24, torch.device("cpu"))
+    assert heat.shape == (1, 2, 16, 24) and heat.max() == 1.0
+    for (x1, y1, x2, y2), k in zip(boxes.tolist(), (0, 1), strict=True):
+        cy, cx = int((y1 + y2) / 2 // 4), int((x1 + x2) / 2 // 4)
+        assert heat[0, k, cy, cx] == 1.0
+        assert (heat[0, k] == 1.0).sum() == 1
+    assert heat[0, 1, 6, 4] == 0.0  # class 0's centre is not a class-1 centre
+    # side distances read off the box targets decode back to exactly those boxes
+    xs, ys = m._grid(16, 24, torch.device("cpu"))
+    x, y = xs[None, :], ys[:, None]
+    dist = torch.stack([x - box_t[0, 0], y - box_t[0, 1], box_t[0, 2] - x, box_t[0, 3] - y])[None]
+    decoded = m._decode_boxes(dist)[0].permute(1, 2, 0)[weight[0] > 0]
+    targets = box_t[0].permute(1, 2, 0)[weight[0] > 0]
+    torch.testing.assert_close(decoded, targets)
+    assert {tuple(b) for b in targets.tolist()} == {tuple(b) for b in boxes.tolist()}
+
+
+@pytest.mark.slow
+def test_a_short_training_reduces_the_loss_and_finds_the_white_cells(tmp_path) -> None:
+    torch.manual_seed(0)
+    root = make_smears(tmp_path / "s", 8, width=128, height=96, seed=5, scale=0.3, progress=False)
+    data = read_detection(root)
+    ds = DetectionDataset(data, detection_eval_transform(128))
+    images, targets = detection_collate([ds[i] for i in range(len(ds))])
+    m = CenterNet(len(data.classes), backbone="resnet10t", channels=32)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    m.train()
+    for step in range(40):
+        idx = [(2 * step + j) % len(ds) for j in range(4)]
+        loss = sum(m.losses(images[idx], [targets[i] for i in idx]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    m.eval()
+    wbc = data.classes.index("wbc")
+    preds = m.predict(images, score_threshold=0.01)
+    gts = [GroundTruth(t["boxes"].numpy(), t["labels"].numpy()) for t in targets]
+    res = coco_metrics(gts, [Prediction(p["boxes"].numpy(), p["scores"].numpy(), p["labels"].numpy()) for p in preds],
+                       data.classes, score_threshold=0.1)
+    assert res.counts["ground_truth"]["wbc"] >= 4
+    assert res.recall["wbc"] >= 0.5, res.to_dict()
+    assert res.ap50[data.classes[wbc]] > 0.3 and res.ap50["rbc"] > 0.5
+
+
+class BlobDetector(Detector):
+    """An exact detector for test images: every connected non-white region is one cell of class 0."""
+
+    stride = 1
+
+    def __init__(self) -> None:
+        super().__init__(1, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def predict(self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100) -> list[Any]:
+        out = []
+        for im in images:
+            self.calls += 1
+            lab, n = ndimage.label(im.min(0).values.numpy() < 200)
+            boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(lab)]
+            b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            out.append({"boxes": b, "scores": torch.full((n,), 0.9), "labels": torch.zeros(n, dtype=torch.long)})
+        return out
+
+
+def test_tiled_prediction_on_a_2x2_mosaic_reports_each_cell_once() -> None:
+    rng = np.random.default_rng(0)
+    field = np.full((120, 160, 3), 255, np.uint8)
+    mosaic = np.concatenate([np.concatenate([field, field], 1)] * 2, 0)  # 240 x 320: four fields
+    cells = []
+    for _ in range(14):  # random cells, many of them across field and tile borders
+        w, h = rng.integers(8, 30, 2)
+        x, y = rng.integers(0, 320 - w), rng.integers(0, 240 - h)
+        if any(x < c[2] + 3 and c[0] < x + w + 3 and y < c[3] + 3 and c[1] < y + h + 3 for c in cells):
+            continue  # keep cells apart so that each is one connected region
+        cells.append((x, y, x + w, y + h))
+        mosaic[y : y + h, x : x + w] = (120, 60, 160)
+    assert len(cells) >= 8
+    det = BlobDetector().eval()
+    tile = TileSpec(160, 40)
+    pred = predict_field(det, mosaic, 1.0, 0.3, tile)
+    assert det.calls == len(tile.starts(320)) * len(tile.starts(240)) > 4
+    assert len(pred.boxes) == len(cells)
+    assert sorted(map(tuple, pred.boxes.astype(int).tolist())) == sorted(cells)
+    whole = predict_field(det, mosaic, 1.0, 0.3, None)
+    assert len(whole.boxes) == len(cells)
+    with pytest.raises(LeukolabError, match="tile size 24 px is not larger than the largest box"):
+        check_tiles(TileSpec(24, 10), 30.0)
+    with pytest.raises(LeukolabError, match="overlap"):
+        check_tiles(TileSpec(160, 10), 30.0)
+
+
+def test_init_loads_a_leukolab_backbone_of_the_same_architecture(tmp_path) -> None:
+    import timm
+
+    from leukolab.checkpoints import BackboneSpec, save_checkpoint
+    from leukolab.pipelines.detect import build_detector
+
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    save_checkpoint({"backbone": source.state_dict(), "backbone_spec": BackboneSpec("resnet10t").to_dict()},
+                    tmp_path / "run" / "best.pt")
+    cfg = {"data": {"img_size": 128}, "model": {"detector": "centernet", "init": str(tmp_path / "run"),
+                                                "detector_kwargs": {"backbone": "resnet10t", "channels": 16}}}
+    detector = build_detector(cfg, ["wbc"])
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(detector.timm_backbone().state_dict()[k], v)
+    cfg["model"]["detector_kwargs"]["backbone"] = "resnet18"
+    with pytest.raises(LeukolabError, match="holds a resnet10t backbone"):
+        build_detector(cfg, ["wbc"])
+    cfg["model"]["detector"] = "ssdlite"
+    cfg["model"]["detector_kwargs"] = {}
+    with pytest.raises(LeukolabError, match="no timm backbone"):
+        build_detector(cfg, ["wbc"])
