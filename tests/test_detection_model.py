@@ -126,6 +126,7 @@ def test_tiled_prediction_on_a_2x2_mosaic_reports_each_cell_once() -> None:
         check_tiles(TileSpec(160, 10), 30.0)
 
 
+@pytest.mark.slow
 def test_init_loads_a_leukolab_backbone_of_the_same_architecture(tmp_path) -> None:
     import timm
 
@@ -140,6 +141,14 @@ def test_init_loads_a_leukolab_backbone_of_the_same_architecture(tmp_path) -> No
     detector = build_detector(cfg, ["wbc"])
     for k, v in source.state_dict().items():
         torch.testing.assert_close(detector.timm_backbone().state_dict()[k], v)
+    # with the default backbone, --init brings its own architecture
+    from leukolab.config import load_defaults
+    from leukolab.pipelines.detect import _prepare
+
+    fresh = load_defaults("detect")
+    fresh["data"]["path"], fresh["model"]["init"] = str(tmp_path), str(tmp_path / "run")
+    _prepare(fresh)
+    assert fresh["model"]["detector_kwargs"]["backbone"] == "resnet10t"
     cfg["model"]["detector_kwargs"]["backbone"] = "resnet18"
     with pytest.raises(LeukolabError, match="holds a resnet10t backbone"):
         build_detector(cfg, ["wbc"])

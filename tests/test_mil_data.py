@@ -242,10 +242,12 @@ def test_bag_sampling_keeps_a_random_subset() -> None:
 
 
 def test_image_bags(cohort_dir: Path) -> None:
-    from leukolab.data.transforms import eval_transform
-
     cohort = read_cohort(cohort_dir)
-    ds = BagDataset([p.cells for p in cohort.patients], cohort.clinical(["age"]), cohort.labels(),
-                    transform=eval_transform(16))
+
+    def to_tensor(im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32)).permute(2, 0, 1)
+
+    ds = BagDataset([p.cells for p in cohort.patients], cohort.clinical(["age"]), cohort.labels(), transform=to_tensor)
     item = ds[0]
     assert item["x"].shape == (len(cohort.patients[0].cells), 3, 16, 16)
+    assert torch.equal(item["x"][1], to_tensor(Image.open(cohort.patients[0].cells[1]).convert("RGB")))

@@ -106,3 +106,47 @@ def test_attention_mil_finds_the_planted_cell_and_beats_mean_pooling() -> None:
             assert (top[yt == 1] == where[yt == 1]).float().mean() > 0.9  # the top weight is on the planted cell
     assert accuracy["abmil"] > 0.9
     assert accuracy["abmil"] > accuracy["mean"] + 0.15
+
+
+@pytest.mark.parametrize("name", ["mean", "abmil", "transformer", "xattn"])
+def test_clinical_warm_start_predicts_the_logistic_regression(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_aggregator(name, 8, 3, hidden=16).eval()
+    x, mask, clinical = _batch()
+    model.set_normalisation(x[mask], clinical)
+    coef, intercept = torch.tensor([1.5, -0.5, 0.25]), 0.3
+    model.init_clinical(coef, intercept)
+    out = model(x, mask, clinical)
+    z = (clinical - clinical.mean(0)) / clinical.std(0)
+    expected = torch.sigmoid(z @ coef + intercept)  # the cells add nothing yet: the image head starts at zero
+    assert torch.allclose(torch.softmax(out.logits, 1)[:, 1], expected, atol=1e-5)
+    assert len(out.aux_logits) == 1  # the clinical branch is also trained on its own
+
+
+def test_moe_mixes_expert_probabilities_with_its_gate() -> None:
+    torch.manual_seed(0)
+    model = build_aggregator("moe", 8, 3, hidden=16).eval()
+    x, mask, clinical = _batch()
+    out = model(x, mask, clinical)
+    image, clin = out.aux_logits
+    g = out.extras["gate"][:, None]
+    mixed = g * image.softmax(1) + (1 - g) * clin.softmax(1)
+    assert torch.allclose(out.logits.exp(), mixed, atol=1e-6) and ((g > 0) & (g < 1)).all()
+
+
+def test_objective_loss_is_cross_entropy_plus_weighted_expert_losses() -> None:
+    from leukolab.objectives.mil import MILObjective
+
+    torch.manual_seed(0)
+    x, mask, clinical = _batch()
+    y = torch.tensor([1, 0, 1])
+    weights = torch.tensor([2.0, 0.5])
+    objective = MILObjective(build_aggregator("moe", 8, 3, hidden=16, dropout=0.0), class_weights=weights,
+                             aux_weight=0.5)
+    step = objective.training_step({"x": x, "mask": mask, "clinical": clinical, "label": y, "index": torch.arange(3)})
+    out = objective.aggregator(x, mask, clinical)
+    aux = sum(F.cross_entropy(a, y, weight=weights) for a in out.aux_logits)
+    expected = F.cross_entropy(out.logits, y, weight=weights) + 0.5 * aux / 2
+    assert step.loss.item() == pytest.approx(expected.item(), rel=1e-5) and step.batch_size == 3
+    step.loss.backward()
+    assert objective.aggregator.gate.weight.grad is not None

@@ -33,6 +33,16 @@ def train(
     head: Optional[str] = typer.Option(None, "--head", help="linear or mlp."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
                                                    help="Linear probe on frozen features."),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="Freeze the ViT backbone and train an adapter + the head: lora, prompt, bottleneck "
+        "or adaptformer (options: 'adapter:' section of --config)."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale alpha / rank (default 16)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets",
+                                               help="Linear layers of each block (default qkv,proj)."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt tokens (default 10)."),
+    prompt_deep: Optional[bool] = typer.Option(None, "--prompt-deep/--prompt-shallow",
+                                               help="Prompts at every block (deep) or at the input (shallow)."),
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights"),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Per-epoch checkpoints to keep."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
@@ -52,8 +62,15 @@ def train(
         "model.freeze_backbone": freeze_backbone, "optim.lr": lr, "optim.weight_decay": weight_decay,
         "optim.layer_decay": layer_decay,
         "optim.grad_accum": grad_accum, "optim.class_weights": class_weights, "train.epochs": epochs,
-        "train.device": device, "train.keep_last": keep_last, "seed": seed,
+        "train.device": device, "train.keep_last": keep_last, "seed": seed, "adapter.name": adapter,
+        "adapter.lora.rank": lora_rank, "adapter.lora.alpha": lora_alpha, "adapter.lora.targets": lora_targets,
+        "adapter.prompt.tokens": prompt_tokens, "adapter.prompt.deep": prompt_deep,
     }
+    for option, value, needs in (("--lora-rank", lora_rank, "lora"), ("--lora-alpha", lora_alpha, "lora"),
+                                 ("--lora-targets", lora_targets, "lora"), ("--prompt-tokens", prompt_tokens, "prompt"),
+                                 ("--prompt-deep", prompt_deep, "prompt")):
+        if value is not None and adapter is not None and adapter != needs:
+            raise LeukolabError(f"{option} applies to --adapter {needs}, not --adapter {adapter}")
     if resume is not None:
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
     elif data is None and config is None:
@@ -104,7 +121,7 @@ def stats(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Per-class counts: train / val / test and each label-fraction subset (boxes for a detection folder)."""
-    from leukolab.data.detection import is_detection_layout
+    from leukolab.pipelines.detect import is_detection_layout
 
     if is_detection_layout(data):  # VOC / COCO / YOLO boxes: per-class box counts and sizes
         from leukolab.cli.detect import stats as detection_stats

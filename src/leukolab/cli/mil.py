@@ -31,6 +31,8 @@ def mil_train(
                                              help="mean, max, abmil, transformer, xattn, moe or clinical."),
     clinical_features: Optional[str] = typer.Option(
         None, "--clinical-features", help="Comma-separated: age,lymph_count,gender (or 'none' for image only)."),
+    reference_date: Optional[str] = typer.Option(None, "--reference-date",
+                                                 help="Ages are counted at this date (default 2020-01-01)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Also cross-validate by patient with this many folds."),
     repeats: Optional[int] = typer.Option(None, "--repeats",
                                           help="Repeat the cross-validation (seeds seed, seed+1 ...)."),
@@ -54,6 +56,7 @@ def mil_train(
 
     overrides = {
         "data.bags": _path(bags), "data.clinical": _path(clinical), "data.batch_size": batch_size,
+        "data.reference_date": reference_date,
         "encoder.model": _path(Path(encoder)) if encoder and Path(encoder).exists() else encoder,
         "encoder.img_size": img_size, "encoder.finetune": finetune_encoder,
         "model.aggregator": aggregator,
@@ -125,7 +128,7 @@ def synth_patients(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Synthetic lymphocytosis patients: OUT/<patient>/*.png and OUT/clinical_annotation.csv."""
-    from leukolab.data.synthetic.patients import PatientOptions
+    from leukolab.pipelines.mil import PatientOptions
     from leukolab.pipelines.mil import synth_patients as write
 
     options = PatientOptions(n_patients, cells_min, cells_max, size, seed, tumoral_fraction, difficulty)

@@ -71,7 +71,8 @@ def plot_curves(history: pd.DataFrame, path: Path | str, title: str = "") -> Pat
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     x = history["epoch"] if "epoch" in history else np.arange(1, len(history) + 1)
     for col in history.columns:
-        if col in {"epoch", "lr", "epoch_time_s"} or not np.issubdtype(history[col].dtype, np.number):
+        if col in {"epoch", "lr", "epoch_time_s", "trainable_params", "trainable_share"} \
+                or not pd.api.types.is_numeric_dtype(history[col]):  # text columns (pandas 3 strings) too
             continue
         ax = ax_loss if "loss" in col else ax_metric
         ax.plot(x, history[col], marker="o", ms=3, label=col)

@@ -133,6 +133,13 @@ def _load_described(
         raise LeukolabError(f"{ckpt}: the checkpoint does not record its image size; pass --img-size")
     if spec.patch_size:
         _check_patch_multiple(spec.patch_size, size, ckpt)
+    if isinstance(obj.get("adapter"), Mapping):  # an adapter run: its frozen backbone (--init file or stored) + adapter
+        from leukolab.models.adapters.state import restore_adapted_backbone
+
+        if native and size != native:
+            raise LeukolabError(f"{ckpt}: an adapter run embeds at its own image size; expected --img-size {native}")
+        backbone, adapter = restore_adapted_backbone(obj["adapter"], spec, obj.get("backbone"))
+        return backbone, size, [f"with the run's {adapter.name} adapter"]
     if not tensors_of(obj):
         raise LeukolabError(f"{ckpt}: no 'backbone' weights in this checkpoint; expected a leukolab run")
     if "backbone_spec" not in obj and isinstance(obj.get("backbone_config"), Mapping):

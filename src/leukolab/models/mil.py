@@ -19,9 +19,10 @@ Registered in :data:`leukolab.registry.AGGREGATORS` (build with
   expert, a logistic clinical expert and a learned gate mixing their probabilities;
 * ``clinical`` - the clinical features alone (logistic regression; cells ignored).
 
-With ``clinical_dim`` > 0, ``mean``, ``max``, ``abmil`` and ``transformer`` fuse
-late: the standardised clinical vector joins the pooled image vector before the
-linear head. Inputs are standardised inside the model with statistics of the
+With ``clinical_dim`` > 0, ``mean``, ``max``, ``abmil``, ``transformer`` and
+``xattn`` fuse late: their logits add a logistic model of the standardised
+clinical vector to the image head's (trained for itself too, see
+:meth:`Aggregator.forward`). Inputs are standardised inside the model with statistics of the
 training set (:meth:`Aggregator.set_normalisation`), stored as buffers, so a
 checkpoint carries everything a prediction needs.
 
@@ -55,7 +56,7 @@ class MILOutput:
         logits: ``(B, K)`` class scores (log-probabilities for ``moe``).
         attention: ``(B, N)`` weights over the cells: >= 0, summing to 1 over each
             bag's real cells, 0 on padding.
-        aux_logits: per-expert logits trained alongside (``moe``), else empty.
+        aux_logits: logits trained for themselves too: ``moe``'s experts, late fusion's clinical branch.
         extras: other per-bag values worth reporting (``gate`` of ``moe``).
     """
 
@@ -77,7 +78,7 @@ def _uniform(mask: Tensor) -> Tensor:
 
 
 class Aggregator(nn.Module):
-    """Base class: input standardisation, a cell embedding ``D -> hidden``, late clinical fusion, a linear head.
+    """Base class: input standardisation, a cell embedding ``D -> hidden``, a linear head, late clinical fusion.
 
     Subclasses implement :meth:`pool` (embedded cells -> one vector per bag plus
     weights over the cells); ``forward`` does the rest.
@@ -123,6 +124,22 @@ class Aggregator(nn.Module):
             self.clin_mean.copy_(clinical.float().mean(0))
             self.clin_std.copy_(clinical.float().std(0).nan_to_num(1.0).clamp_min(1e-4))
 
+    @torch.no_grad()
+    def init_clinical(self, coef: Tensor, intercept: float) -> None:
+        """Start the clinical branch as a fitted logistic regression on the *standardised* clinical features
+        (``coef`` ``(C,)``, ``intercept``: the log-odds of class 1), and the image head at zero, so that an
+        untrained model predicts what the clinical data alone say and the image adds to it."""
+        head = self.clinical_head if isinstance(getattr(self, "clinical_head", None), nn.Linear) else None
+        if head is None or self.num_classes != 2:
+            return
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[1] = coef.to(head.weight)
+        head.bias[1] = float(intercept)
+        if isinstance(getattr(self, "head", None), nn.Linear):
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
     def embed_cells(self, x: Tensor) -> Tensor:
         """``(B, N, D)`` -> ``(B, N, hidden)``."""
         return self.embed((x.float() - self.in_mean) / self.in_std)
@@ -145,14 +162,27 @@ class Aggregator(nn.Module):
         return self.hidden
 
     def make_head(self) -> None:
-        """The linear head over ``[pooled, clinical]`` (called at the end of a subclass's ``__init__``)."""
-        self.head = nn.Linear(self.pooled_dim() + self.clinical_dim, self.num_classes)
+        """The linear heads (called at the end of a subclass's ``__init__``): one over the pooled bag vector
+        and, with clinical features, a logistic one over them."""
+        self.head = nn.Linear(self.pooled_dim(), self.num_classes)
+        self.clinical_head = nn.Linear(self.clinical_dim, self.num_classes) if self.clinical_dim else None
 
     def forward(self, x: Tensor, mask: Tensor, clinical: Tensor | None = None) -> MILOutput:
-        """Class logits and cell weights of a padded batch of bags."""
+        """Class logits and cell weights of a padded batch of bags.
+
+        With clinical features the logits are ``head(bag) + clinical_head(z)``: the
+        image adds evidence to a logistic model of the clinical data, whose own
+        logits are returned in ``aux_logits`` so that the objective trains it for
+        itself too (on a few dozen patients the image branch alone can fit the
+        training set and would otherwise leave the clinical weights untrained).
+        """
         z = self.standard_clinical(clinical, x.shape[0])
         pooled, weights = self.pool(self.embed_cells(x), mask, z)
-        return MILOutput(self.head(self.drop(torch.cat([pooled, z], -1))), weights)
+        logits = self.head(self.drop(pooled))
+        if self.clinical_head is None:
+            return MILOutput(logits, weights)
+        clin = self.clinical_head(z)
+        return MILOutput(logits + clin, weights, (clin,))
 
 
 @AGGREGATORS.register("mean")

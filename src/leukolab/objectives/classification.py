@@ -90,7 +90,7 @@ class ClassificationObjective(Objective):
         if self.scorer is not None:
             m = self.scorer(y.numpy(), probs.argmax(1).numpy(), self.class_names)
             row.update({f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "f1_macro")})
-        return row
+        return {**row, **self.model.parameter_counts()}  # trainable_params / _share, adapter: history.csv records them
 
     @torch.no_grad()
     def predict(self, loader: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +99,13 @@ class ClassificationObjective(Objective):
         outs = [self.validation_step((x.to(device), y)) for x, y in loader]
         return torch.cat([o["probs"] for o in outs]).numpy(), torch.cat([o["targets"] for o in outs]).numpy()
 
-    def export_backbone(self) -> dict[str, torch.Tensor]:
+    def export_backbone(self) -> dict[str, torch.Tensor] | None:
+        if self.model.adapter is not None and self.model.adapter_init:
+            return None  # an adapter run references its frozen --init backbone (the checkpoint's "adapter" entry)
         return {k: v.detach().cpu() for k, v in self.model.backbone.state_dict().items()}
 
     def backbone_spec(self) -> BackboneSpec | None:
         return self.model.spec
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"task": "classification", "class_names": self.class_names}
+        return {"task": "classification", "class_names": self.class_names, **self.model.adapter_entries()}

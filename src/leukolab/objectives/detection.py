@@ -33,6 +33,8 @@ class DetectionObjective(Objective):
 
     monitor = "val_map50"
     monitor_mode = "max"
+    #: a timm backbone's classifier-side layers (e.g. MobileNetV4's conv_head) feed no detector output
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weig
 from leukolab.objectives.classification import ClassificationObjective
 from leukolab.pipelines.lifecycle import open_run
 from leukolab.registry import OBJECTIVES
+from leukolab.training import distributed
 from leukolab.training.loaders import build_loader
 from leukolab.training.loop import pick_device
 from leukolab.utils.runs import unique_child
@@ -112,10 +113,13 @@ def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:
 def build_model(cfg: dict[str, Any], num_classes: int, allow_pickle: bool = False) -> Classifier:
     """The classifier of a config (frozen backbone and probe norm as it says), with ``model.init``
     weights loaded when given (loading keeps a frozen backbone frozen; a pickled init file needs ``allow_pickle``)."""
-    model = build_classifier(cfg["model"], cfg["data"]["img_size"], num_classes)
+    adapter = cfg.get("adapter") or {}
+    model = build_classifier({**cfg["model"], "adapter": adapter.get("name")}, cfg["data"]["img_size"], num_classes)
     init = cfg["model"].get("init")
     if init:
         load_backbone_weights(model.backbone, init, allow_pickle=allow_pickle)
+    if adapter.get("name"):  # after --init: the adapter is trained on (and references) those frozen weights
+        model.attach_adapter(adapter["name"], dict(adapter.get(adapter["name"]) or {}), init=init)
     return model
 
 
@@ -179,6 +183,10 @@ def train_classifier(
     cfg, d = run.cfg, run.cfg["data"]
     splits = make_splits(d, run.seed)
     objective = build_objective(cfg, splits, allow_pickle)  # a bad backbone/init fails before the image check
+    if distributed.is_main():
+        counts = objective.model.parameter_counts()
+        print(f"trainable parameters: {counts['trainable_params']:,} ({100 * counts['trainable_share']:.2f} %), "
+              f"adapter {counts['adapter']}", flush=True)
     if d["check_images"] and not run.resumed:
         require_readable([*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"])
     loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=run.seed)
@@ -206,7 +214,15 @@ def load_run(run: Path | str, device: torch.device | None = None) -> tuple[Class
         task = state.get("task") if isinstance(state, dict) else None
         raise LeukolabError(f"{ckpt_path} is not a classification run (task={task!r})")
     cfg = state["config"]
-    model = build_classifier({**cfg["model"], "init": None}, cfg["data"]["img_size"], len(state["class_names"]))
+    record = state.get("adapter") if isinstance(state.get("adapter"), dict) else None
+    model = build_classifier({**cfg["model"], "init": None, "adapter": record["config"]["name"] if record else None},
+                             cfg["data"]["img_size"], len(state["class_names"]))
+    if record:  # an adapter run: its frozen backbone (--init file or stored) + the adapter
+        from leukolab.models.adapters.state import load_frozen_backbone
+
+        load_frozen_backbone(model.backbone, record, state.get("backbone"))
+        options = {k: v for k, v in record["config"].items() if k != "name"}
+        model.attach_adapter(record["config"]["name"], options, init=record.get("init"))
     objective = ClassificationObjective(model, state["class_names"])
     objective.load_state_dict(state["objective"], strict=False)
     device = device or pick_device(cfg["train"].get("device", "auto"))

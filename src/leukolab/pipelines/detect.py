@@ -23,9 +23,16 @@ import torch
 
 import leukolab.objectives  # noqa: F401 - registers the built-in objectives
 from leukolab.checkpoints import load_checkpoint, resolve_checkpoint_path
+from leukolab.config import load_defaults
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import load_rgb
-from leukolab.data.detection import DetectionData, DetectionDataset, detection_collate, read_detection
+from leukolab.data.detection import (
+    DetectionData,
+    DetectionDataset,
+    detection_collate,
+    is_detection_layout,
+    read_detection,
+)
 from leukolab.data.detection.transforms import detection_eval_transform, detection_train_transform
 from leukolab.data.splits import stratified_split
 from leukolab.errors import LeukolabError
@@ -40,8 +47,10 @@ from leukolab.evaluation.detection import (
 from leukolab.evaluation.metrics import write_metrics
 from leukolab.evaluation.tables import write_table
 from leukolab.models import detection as _detectors  # noqa: F401 - registers the detectors
+from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.detection import Detector
 from leukolab.models.detection_infer import FieldPrediction, TileSpec, check_tiles, predict_field
+from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.pipelines.lifecycle import open_run
 from leukolab.registry import DETECTORS, OBJECTIVES
 from leukolab.training.loaders import build_loader
@@ -52,6 +61,7 @@ from leukolab.utils.runs import unique_child
 __all__ = [
     "detection_stats",
     "evaluate_detector",
+    "is_detection_layout",
     "load_detector",
     "predict_detector",
     "synth_smears",
@@ -144,25 +154,31 @@ def build_detector(cfg: dict[str, Any], classes: Sequence[str]) -> Detector:
 
 
 def _load_init(detector: Detector, init: str) -> None:
+    """Load a leukolab backbone (run folder or checkpoint) into the detector's timm backbone."""
     backbone = detector.timm_backbone()
     if backbone is None:
         raise LeukolabError(f"--init: detector {type(detector).__name__} has no timm backbone to initialise")
-    state = load_checkpoint(resolve_checkpoint_path(init))
-    weights = state.get("backbone") if isinstance(state, dict) else None
-    spec = (state.get("backbone_spec") or {}) if isinstance(state, dict) else {}
-    if not isinstance(weights, dict):
-        raise LeukolabError(f"--init {init}: no 'backbone' entry; expected a leukolab run or checkpoint")
-    name = spec.get("name") or state.get("backbone_name")
-    if name and name != detector.backbone_name:
+    spec = checkpoint_backbone_spec(init)
+    if spec is not None and resolve_backbone_name(spec.name) != resolve_backbone_name(str(detector.backbone_name)):
         raise LeukolabError(
-            f"--init {init} holds a {name} backbone but the detector's is {detector.backbone_name}; "
+            f"--init {init} holds a {spec.name} backbone but the detector's is {detector.backbone_name}; "
             "expected a checkpoint of the same architecture"
         )
-    try:
-        backbone.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise LeukolabError(f"--init {init}: the backbone weights do not fit ({first})") from None
+    load_backbone_weights(backbone, init)
+
+
+def _adopt_init(m: dict[str, Any]) -> None:
+    """With ``--init`` and the default backbone: take the checkpoint's backbone, its options and its normalisation."""
+    spec = checkpoint_backbone_spec(m["init"])
+    if spec is None or m["detector"] != "centernet":
+        return
+    kw = m.setdefault("detector_kwargs", {})
+    default = load_defaults("detect")["model"]["detector_kwargs"]["backbone"]
+    if kw.get("backbone", default) == default:
+        kw["backbone"] = spec.name
+    kw["backbone_kwargs"] = {**spec.kwargs, **(kw.get("backbone_kwargs") or {})}
+    kw.setdefault("mean", list(spec.mean))
+    kw.setdefault("std", list(spec.std))
 
 
 def _prepare(cfg: dict[str, Any]) -> None:
@@ -175,6 +191,7 @@ def _prepare(cfg: dict[str, Any]) -> None:
     DETECTORS.get(m["detector"])  # unknown names fail before anything is read
     if m.get("init"):
         m["init"] = str(Path(m["init"]).resolve())
+        _adopt_init(m)
 
 
 def _field_stats(data: DetectionData) -> dict[str, float]:

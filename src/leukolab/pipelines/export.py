@@ -63,7 +63,7 @@ def export_run(run: Path | str, out: Path | str, *, merge: bool = False) -> Path
     else:
         from leukolab.models.adapters.state import restore_adapted_backbone
 
-        net, adapter = restore_adapted_backbone(record, spec, state.get("backbone"))
+        net, adapter = restore_adapted_backbone(record, spec, state.get("backbone"), attach=False)
         backbone = adapter.merge(net.state_dict())
         merged_from = adapter.config()
     ckpt = {"format": CHECKPOINT_FORMAT, "backbone": {k: v.contiguous() for k, v in backbone.items()},

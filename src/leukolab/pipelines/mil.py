@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.linear_model import LogisticRegression
 from torchvision.transforms import v2
 
 import leukolab.objectives.mil  # noqa: F401 - registers the "mil" objective
@@ -62,6 +63,7 @@ from leukolab.utils.runs import unique_child
 
 __all__ = [
     "BagData",
+    "PatientOptions",
     "Predictions",
     "evaluate_mil",
     "fit_fold",
@@ -178,6 +180,10 @@ def build_objective(
     cols = [data.clinical_names.index(f) for f in features]
     agg.set_normalisation(torch.cat([data.features[i] for i in train_idx]),
                           torch.from_numpy(data.clinical[train_idx][:, cols]))
+    if features and m.get("clinical_init", True):
+        z = (torch.from_numpy(data.clinical[train_idx][:, cols]) - agg.clin_mean) / agg.clin_std
+        lr = LogisticRegression(class_weight="balanced", max_iter=1000).fit(z.numpy(), data.labels[train_idx])
+        agg.init_clinical(torch.from_numpy(lr.coef_[0]).float(), float(lr.intercept_[0]))
     finetune = bool(cfg["encoder"]["finetune"])
     extras = {"aggregator": aggregator, "aggregator_options": options, "in_dim": encoder.dim,
               "clinical_features": list(features), "encoder": encoder.describe(), "class_names": list(CLASS_NAMES),

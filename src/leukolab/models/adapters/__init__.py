@@ -50,12 +50,15 @@ __all__ = [
 ]
 
 
-def apply_adapter(backbone: nn.Module, name: str, **kwargs: Any) -> Adapter:
+def apply_adapter(backbone: nn.Module, name: str, *, attach: bool = False, **kwargs: Any) -> Adapter:
     """Freeze ``backbone`` and hook the adapter ``name`` (built from :data:`ADAPTERS` with ``kwargs``) into it.
 
-    Returns the adapter: the module that holds the trainable parameters (keep it
-    next to the backbone, e.g. as an attribute of the model, so that it moves to
-    the device and reaches the optimiser with it).
+    Returns the adapter: the module that holds the trainable parameters. Keep it
+    next to the backbone (e.g. as an attribute of the model) so that it moves to
+    the device and reaches the optimiser with it -- or pass ``attach=True`` to make
+    it the backbone's submodule ``adapter`` (then ``backbone.to()``,
+    ``backbone.parameters()`` and ``backbone.state_dict()`` include it: the
+    simplest way to hand an adapted encoder to code that expects one module).
 
     Raises:
         LeukolabError: unknown adapter or option, a backbone that is not a timm ViT,
@@ -68,12 +71,16 @@ def apply_adapter(backbone: nn.Module, name: str, **kwargs: Any) -> Adapter:
         raise LeukolabError(f"adapter {name!r}: unknown option(s) {', '.join(unknown)}; "
                             f"expected some of: {', '.join(accepted)}")
     backbone.requires_grad_(False)
-    return ADAPTERS.build(name, backbone=backbone, **kwargs)
+    adapter = ADAPTERS.build(name, backbone=backbone, **kwargs)
+    if attach:
+        backbone.add_module("adapter", adapter)
+    return adapter
 
 
 def load_adapter(backbone: nn.Module, config: Mapping[str, Any],
-                 state: Mapping[str, torch.Tensor] | None = None) -> Adapter:
-    """Rebuild the adapter described by ``config`` (:meth:`Adapter.config`) on ``backbone`` and load ``state``."""
+                 state: Mapping[str, torch.Tensor] | None = None, *, attach: bool = False) -> Adapter:
+    """Rebuild the adapter described by ``config`` (:meth:`Adapter.config`) on ``backbone`` and load ``state``
+    (``attach``: as in :func:`apply_adapter`)."""
     options = {k: v for k, v in config.items() if k != "name"}
     if "name" not in config:
         raise LeukolabError(f"adapter config {dict(config)!r} has no name")
@@ -84,4 +91,6 @@ def load_adapter(backbone: nn.Module, config: Mapping[str, Any],
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise LeukolabError(f"the saved {config['name']} adapter does not fit this backbone ({first})") from None
+    if attach:
+        backbone.add_module("adapter", adapter)
     return adapter

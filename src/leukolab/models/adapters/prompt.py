@@ -10,7 +10,9 @@ inserts them and a forward hook takes them out again (keeping what the shallow
 variant carries to the next block). Everything outside the blocks -- the final
 norm, timm's pooling, ``forward_intermediates``, leukolab's prefix/patch split
 -- sees the sequence it always saw, so class-token and patch-mean read-outs
-work unchanged and registers stay where timm put them.
+work unchanged and registers stay where timm put them. (The shallow variant
+carries state from one block to the next, so it does not combine with timm's
+gradient checkpointing, which re-runs blocks; leukolab does not use it.)
 """
 
 from __future__ import annotations

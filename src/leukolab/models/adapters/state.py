@@ -23,7 +23,13 @@ from leukolab.checkpoints import BackboneSpec
 from leukolab.errors import LeukolabError
 from leukolab.models.adapters import Adapter, count_parameters, load_adapter
 
-__all__ = ["adapter_record", "restore_adapted_backbone", "weights_fingerprint"]
+__all__ = [
+    "adapter_record",
+    "load_frozen_backbone",
+    "reference_backbone",
+    "restore_adapted_backbone",
+    "weights_fingerprint",
+]
 
 
 def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
@@ -53,22 +59,19 @@ def adapter_record(adapter: Adapter, backbone: nn.Module, init: str | None, fing
     }
 
 
-def restore_adapted_backbone(
-    record: Mapping[str, Any], spec: BackboneSpec, backbone_state: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[nn.Module, Adapter]:
-    """The frozen backbone of an adapter checkpoint with its adapter hooked in.
+def load_frozen_backbone(
+    backbone: nn.Module, record: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Load the frozen weights an adapter was trained on into ``backbone`` (built as the run built it).
 
-    The backbone is built from ``spec`` and takes ``backbone_state`` when the
-    checkpoint stores one, else the weights of the ``--init`` file named in
-    ``record`` (which must still hold the same weights: same SHA-256).
+    They come from ``backbone_state`` when the checkpoint stores one, else from the ``--init``
+    file named in ``record``, which must still hold the same weights (same SHA-256).
 
     Raises:
-        LeukolabError: the ``--init`` file is gone or changed, or the adapter does not fit.
+        LeukolabError: the ``--init`` file is gone or holds other weights.
     """
-    from leukolab.models.backbones import create_backbone
     from leukolab.models.weights import load_backbone_weights
 
-    backbone = create_backbone(spec.name, spec.img_size or 224, **spec.kwargs)
     if backbone_state:
         backbone.load_state_dict(dict(backbone_state))
     else:
@@ -77,11 +80,48 @@ def restore_adapted_backbone(
             raise LeukolabError("the adapter checkpoint names no --init backbone and stores none; cannot rebuild it")
         if not Path(init).exists():
             raise LeukolabError(f"the frozen backbone of this adapter run, {init}, is gone; expected the --init "
-                                "file the run was trained from (or export the run with --merge while it exists)")
+                                "file the run was trained from (export LoRA runs with --merge while it exists)")
         load_backbone_weights(backbone, init)
     want = record.get("backbone_sha256")
     if want and weights_fingerprint(backbone.state_dict()) != want:
         raise LeukolabError(f"the frozen backbone {record.get('init') or '(stored)'} holds other weights than the "
                             "adapter was trained on (SHA-256 differs); expected the unchanged --init file")
-    adapter = load_adapter(backbone, record["config"], record.get("state"))
+
+
+def restore_adapted_backbone(
+    record: Mapping[str, Any], spec: BackboneSpec, backbone_state: Mapping[str, torch.Tensor] | None = None,
+    *, attach: bool = True,
+) -> tuple[nn.Module, Adapter]:
+    """The frozen backbone of an adapter checkpoint (see :func:`load_frozen_backbone`) with its adapter hooked in.
+
+    With ``attach`` the adapter also becomes the backbone's submodule ``adapter``, so that
+    ``.to(device)`` and ``.eval()`` on the backbone carry it along (for embedding; the
+    backbone's state dict then holds the adapter's entries too).
+
+    Raises:
+        LeukolabError: the ``--init`` file is gone or changed, or the adapter does not fit.
+    """
+    from leukolab.models.backbones import create_backbone
+
+    backbone = create_backbone(spec.name, spec.img_size or 224, **spec.kwargs)
+    load_frozen_backbone(backbone, record, backbone_state)
+    adapter = load_adapter(backbone, record["config"], record.get("state"), attach=attach)
     return backbone.eval(), adapter
+
+
+def reference_backbone(parent: nn.Module, child: str = "backbone") -> None:
+    """Keep ``parent.<child>``'s (frozen) weights out of ``parent``'s state dict: checkpoints reference them.
+
+    ``parent.state_dict()`` leaves the child's entries out; ``parent.load_state_dict`` takes a
+    state without them (the child keeps the weights it has) as well as one with them.
+    """
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for key in [k for k in state if k.startswith(f"{prefix}{child}.")]:
+            del state[key]
+
+    def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        if not any(k.startswith(f"{prefix}{child}.") for k in state):
+            state.update({f"{prefix}{child}.{k}": v for k, v in getattr(parent, child).state_dict().items()})
+
+    parent.register_state_dict_post_hook(drop)
+    parent.register_load_state_dict_pre_hook(fill)
