@@ -181,6 +181,23 @@ def load_checkpoint(path: Path | str, *, allow_pickle: bool = False) -> Any:
         raise LeukolabError(f"cannot read checkpoint {path} ({exc.__class__.__name__})") from None
 
 
+def load_run_state(run: Path | str, task: str, command: str) -> dict[str, Any]:
+    """The ``best.pt`` of a finished run folder (or a checkpoint file) written by ``leukolab <command>``.
+
+    Loaded with :func:`load_checkpoint` (``weights_only=True``); a checkpoint of another ``task`` is refused.
+    """
+    run = Path(run)
+    path = run / "best.pt" if run.is_dir() else run
+    if not path.is_file():
+        raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab {command} run folder")
+    state = load_checkpoint(path)
+    found = state.get("task") if isinstance(state, dict) else None
+    if found != task:
+        raise LeukolabError(f"{path} is not a {task} run (task={found!r}); expected a folder written by "
+                            f"leukolab {command}")
+    return state
+
+
 def strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
     """``sd`` with the :data:`WRAPPER_PREFIXES` every key shares removed (repeatedly)."""
     out = dict(sd)

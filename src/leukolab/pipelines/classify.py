@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import leukolab.objectives  # noqa: F401 - registers the built-in objectives
-from leukolab.checkpoints import load_checkpoint
+from leukolab.checkpoints import load_run_state
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import ImageDataset
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
@@ -205,14 +205,7 @@ def train_classifier(
 # --------------------------------------------------------------------------- loading and applying a run
 def load_run(run: Path | str, device: torch.device | None = None) -> tuple[ClassificationObjective, dict[str, Any]]:
     """The trained classifier of a run folder (``best.pt``, read with ``weights_only=True``) and its config."""
-    run = Path(run)
-    ckpt_path = run / "best.pt" if run.is_dir() else run
-    if not ckpt_path.is_file():
-        raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab train run folder")
-    state = load_checkpoint(ckpt_path)
-    if not isinstance(state, dict) or state.get("task") != "classification":
-        task = state.get("task") if isinstance(state, dict) else None
-        raise LeukolabError(f"{ckpt_path} is not a classification run (task={task!r})")
+    state = load_run_state(run, "classification", "train")
     cfg = state["config"]
     record = state.get("adapter") if isinstance(state.get("adapter"), dict) else None
     model = build_classifier({**cfg["model"], "init": None, "adapter": record["config"]["name"] if record else None},

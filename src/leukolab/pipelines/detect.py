@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 import leukolab.objectives  # noqa: F401 - registers the built-in objectives
-from leukolab.checkpoints import load_checkpoint, resolve_checkpoint_path
+from leukolab.checkpoints import load_run_state
 from leukolab.config import load_defaults
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import load_rgb
@@ -243,11 +243,7 @@ def train_detector(
 # --------------------------------------------------------------------------- loading and applying a run
 def load_detector(run: Path | str, device: torch.device | None = None) -> tuple[Detector, dict[str, Any]]:
     """The trained detector of a run folder or checkpoint (``best.pt``, weights only) and its checkpoint entries."""
-    path = resolve_checkpoint_path(run)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("task") != "detection":
-        task = state.get("task") if isinstance(state, dict) else None
-        raise LeukolabError(f"{path} is not a detection run (task={task!r}); expected a 'leukolab detect train' run")
+    state = load_run_state(run, "detection", "detect train")
     classes = list(state["classes"])
     detector = DETECTORS.build(state["detector"], num_classes=len(classes), img_size=state["img_size"],
                                **dict(state.get("detector_kwargs") or {}))

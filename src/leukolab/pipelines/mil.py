@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from torchvision.transforms import v2
 
 import leukolab.objectives.mil  # noqa: F401 - registers the "mil" objective
-from leukolab.checkpoints import load_checkpoint
+from leukolab.checkpoints import load_checkpoint, load_run_state
 from leukolab.data.mil import (
     CLASS_NAMES,
     BagDataset,
@@ -322,14 +322,7 @@ def load_mil_run(
     run: Path | str, allow_pickle: bool = False, device: torch.device | None = None
 ) -> tuple[MILObjective, Encoder, dict[str, Any]]:
     """The trained objective of a ``mil train`` run (``best.pt``), its encoder and config."""
-    run = Path(run)
-    ckpt = run / "best.pt" if run.is_dir() else run
-    if not ckpt.is_file():
-        raise LeukolabError(f"{run}: no best.pt; expected a finished leukolab mil train run folder")
-    state = load_checkpoint(ckpt)
-    if not isinstance(state, dict) or state.get("task") != "mil":
-        task = state.get("task") if isinstance(state, dict) else None
-        raise LeukolabError(f"{ckpt} is not a mil run (task={task!r}); expected a folder written by leukolab mil train")
+    state = load_run_state(run, "mil", "mil train")
     cfg = state["config"]
     e = state["encoder"]
     encoder = load_encoder(e["model"], e["img_size"], e["norm"], e["pool"], int(e["seed"]), allow_pickle)

@@ -17,6 +17,9 @@ and hooks a timm ViT's own modules (nothing in timm is replaced or edited)::
 ``bottleneck``        ``hidden`` or ``reduction``, ``positions`` (``attn,mlp``; Houlsby)
 ``adaptformer``       ``hidden`` or ``reduction``, ``scale`` (parallel to each MLP)
 ====================  =====================================================================
+
+:mod:`leukolab.models.adapters.state` is how checkpoints keep an adapter: its
+own small entry, with the frozen backbone referenced by its ``--init`` file.
 """
 
 from __future__ import annotations
