@@ -375,3 +375,29 @@ def test_an_attached_adapter_travels_with_its_backbone() -> None:
     vit.to(torch.float64)  # moves (casts) the adapter with the backbone
     assert all(p.dtype == torch.float64 for p in adapter.parameters())
     torch.testing.assert_close(vit(x.double()).float(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_an_interrupted_adapter_run_resumes_to_the_same_result(
+        lora_run: Path, wbc_small: Path, vit_init: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        tiny_overrides: Callable[..., dict]) -> None:
+    from leukolab.pipelines.classify import train_classifier
+    from leukolab.training.loop import Trainer
+
+    original = Trainer._end_epoch
+
+    def crash_after_first(self: Trainer, row: dict) -> None:
+        original(self, row)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):  # the same run as lora_run, stopped after its first epoch
+        _adapter_run(wbc_small, vit_init, tmp_path, tiny_overrides, "lora",
+                     **{"adapter.lora.rank": 4, "adapter.lora.targets": "qkv,proj,fc2"})
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    (broken,) = list(tmp_path.iterdir())
+    train_classifier(resume=broken)  # last.pt holds no backbone: it comes from --init again
+    full = pd.read_csv(lora_run / "history.csv").drop(columns="epoch_time_s")
+    resumed = pd.read_csv(broken / "history.csv").drop(columns="epoch_time_s")
+    pd.testing.assert_frame_equal(full, resumed, atol=1e-5, rtol=1e-4)
