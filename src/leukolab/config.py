@@ -1,4 +1,4 @@
-"""YAML configs merged over packaged defaults, with unknown keys refused."""
+"""YAML configs merged over packaged defaults (and a named preset), with unknown keys refused."""
 
 from __future__ import annotations
 
@@ -71,15 +71,80 @@ def get_dotted(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def preset_names() -> list[str]:
+    """The packaged presets (``leukolab/configs/presets/<name>.yaml``), by name."""
+    folder = resources.files("leukolab.configs").joinpath("presets")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _is_preset_file(preset: str) -> bool:
+    return preset.endswith((".yaml", ".yml")) or "/" in preset or "\\" in preset
+
+
+def preset_label(preset: str | Path) -> str:
+    """How a run records ``preset``: a packaged name as is, a user YAML file as its absolute path.
+
+    A value ending in ``.yaml``/``.yml`` or holding a path separator is a file; anything else a packaged name.
+    """
+    preset = str(preset)
+    return str(Path(preset).resolve()) if _is_preset_file(preset) else preset
+
+
+def load_preset(preset: str | Path) -> dict[str, Any]:
+    """The mapping of a packaged preset name or a user YAML file (see :func:`preset_label`)."""
+    preset = str(preset)
+    if _is_preset_file(preset):
+        if not Path(preset).is_file():
+            raise LeukolabError(f"preset file {preset} does not exist; expected a YAML file or one of: "
+                                f"{', '.join(preset_names())}")
+        data = read_yaml(preset)
+    else:
+        names = preset_names()
+        if preset not in names:
+            raise LeukolabError(f"unknown preset {preset!r}; expected a YAML file or one of: {', '.join(names)}")
+        text = resources.files("leukolab.configs").joinpath("presets", f"{preset}.yaml").read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+    if "preset" in data:
+        raise LeukolabError(f"preset {preset} names another preset ({data['preset']!r}); presets do not nest")
+    return data
+
+
 def resolve(name: str, config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Defaults <- ``config_file`` <- ``overrides`` (dotted keys; ``None`` values ignored)."""
+    """Defaults <- preset <- ``config_file`` <- ``overrides`` (dotted keys; ``None`` values ignored).
+
+    When the defaults have a top-level ``preset`` key (``train``), the preset named by
+    ``overrides["preset"]`` or else by the config file's ``preset:`` is merged over the defaults
+    first (:func:`load_preset`), and ``preset`` records it (:func:`preset_label`).
+    """
     cfg = load_defaults(name)
-    if config_file is not None:
-        cfg = merge(cfg, read_yaml(config_file))
+    user = read_yaml(config_file) if config_file is not None else {}
+    preset = overrides.get("preset") or user.get("preset")
+    if "preset" in cfg and preset:
+        content = load_preset(preset)
+        try:
+            cfg = merge(cfg, content)
+        except LeukolabError as exc:
+            raise LeukolabError(f"preset {preset}: {exc}") from None
+        user = {**user, "preset": preset_label(preset)}
+    cfg = merge(cfg, user)
     for dotted, value in overrides.items():
-        if value is not None:
+        if value is not None and not (dotted == "preset" and "preset" in cfg):  # the preset: recorded above
             set_dotted(cfg, dotted, value)
     return cfg
+
+
+def fill_missing(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``defaults`` (recursively; its own values kept).
+
+    For a run written before a key existed: new keys default to the behaviour before them.
+    """
+    out = copy.deepcopy(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and value and isinstance(out[key], dict):
+            out[key] = fill_missing(out[key], value)
+    return out
 
 
 def diff_overrides(saved: dict[str, Any], overrides: dict[str, Any]) -> list[str]:

@@ -10,12 +10,18 @@ import typer
 from leukolab.cli.app import ALLOW_PICKLE_HELP, app
 from leukolab.errors import LeukolabError
 
+TTA_HELP = ("Average the probabilities over the 8 flips/90-degree rotations (default: an ensemble's own "
+            "setting, off for a run).")
+
 
 @app.command()
 def train(
     data: Optional[Path] = typer.Argument(None, help="ImageFolder tree, folder with train/val/test, or CSV."),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent folder; each run gets a new subfolder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML merged over the defaults."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML merged over the defaults (and the preset)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Packaged preset name (e.g. pbc-best) or a YAML file: merged over the defaults, "
+        "under --config and options."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="timm name, e.g. vit_tiny_patch16, resnet18."),
     img_size: Optional[int] = typer.Option(None, "--img-size"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
@@ -44,6 +50,14 @@ def train(
     prompt_deep: Optional[bool] = typer.Option(None, "--prompt-deep/--prompt-shallow",
                                                help="Prompts at every block (deep) or at the input (shallow)."),
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights"),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="MixUp alpha of training batches, e.g. 0.2 (0 = off)."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha of training batches, e.g. 1 (0 off)."),
+    mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="Probability that a batch is mixed (default 1)."),
+    background: Optional[Path] = typer.Option(
+        None, "--background", help="Folder of background crops (recursive), added as class 'background'."),
+    folds_file: Optional[Path] = typer.Option(
+        None, "--folds-file", help="path,label,fold CSV (leukolab split); DATA may then be left out."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Validation fold K of --folds-file; the others train."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Per-epoch checkpoints to keep."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
     check_images: Optional[bool] = typer.Option(None, "--check-images/--no-check-images"),
@@ -52,6 +66,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
 ) -> None:
     """Train a WBC classifier; writes config.yaml, history.csv, best.pt, last.pt into a new run folder."""
+    from leukolab.config import preset_label
     from leukolab.pipelines.classify import train_classifier
 
     overrides = {
@@ -65,6 +80,10 @@ def train(
         "train.device": device, "train.keep_last": keep_last, "seed": seed, "adapter.name": adapter,
         "adapter.lora.rank": lora_rank, "adapter.lora.alpha": lora_alpha, "adapter.lora.targets": lora_targets,
         "adapter.prompt.tokens": prompt_tokens, "adapter.prompt.deep": prompt_deep,
+        "mix.mixup": mixup, "mix.cutmix": cutmix, "mix.prob": mix_prob, "data.fold": fold,
+        "data.background": str(background) if background is not None else None,
+        "data.folds_file": str(folds_file) if folds_file is not None else None,
+        "preset": preset_label(preset) if preset is not None else None,
     }
     for option, value, needs in (("--lora-rank", lora_rank, "lora"), ("--lora-alpha", lora_alpha, "lora"),
                                  ("--lora-targets", lora_targets, "lora"), ("--prompt-tokens", prompt_tokens, "prompt"),
@@ -73,7 +92,9 @@ def train(
             raise LeukolabError(f"{option} applies to --adapter {needs}, not --adapter {adapter}")
     if resume is not None:
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
-    elif data is None and config is None:
+        for key, path in (("data.background", background), ("data.folds_file", folds_file)):
+            overrides[key] = None if path is None else str(path.resolve())
+    elif data is None and config is None and folds_file is None:
         raise LeukolabError("no DATA given; expected a folder of class folders or a path,label CSV")
     run_dir = train_classifier(out, config, overrides, resume=resume, name=name, allow_pickle=allow_pickle)
     typer.echo(f"run folder: {run_dir}")
@@ -81,32 +102,45 @@ def train(
 
 @app.command()
 def evaluate(
-    run: Path = typer.Argument(..., help="A leukolab train run folder."),
+    run: Path = typer.Argument(..., help="A leukolab train run folder, or an ensemble folder (leukolab ensemble fit)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled test data (default: the run's test split)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default RUN/eval, RUN/eval-2 ...)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help=TTA_HELP),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="Image-decoding processes."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Metrics, predictions CSV, confusion matrix and curves of a trained run."""
+    """Metrics, predictions CSV, confusion matrix (and curves of a run) of a trained run or an ensemble."""
     from leukolab.pipelines.classify import evaluate_run, metrics_summary
 
-    out_dir = evaluate_run(run, data, out, check_images=check_images)
+    out_dir = evaluate_run(run, data, out, batch_size=batch_size, check_images=check_images, show_progress=progress,
+                           tta=tta, num_workers=workers)
     typer.echo(metrics_summary(out_dir / "metrics.json"))
-    typer.echo(f"wrote {out_dir}/metrics.json, predictions.csv, confusion_matrix.png, curves.png")
+    written = ["metrics.json", "predictions.csv", "confusion_matrix.png"]
+    typer.echo(f"wrote {out_dir}/{', '.join(written + (['curves.png'] if (out_dir / 'curves.png').is_file() else []))}")
 
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="A leukolab train run folder."),
+    run: Path = typer.Argument(..., help="A leukolab train run folder, or an ensemble folder (leukolab ensemble fit)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this CSV (new file)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help=TTA_HELP),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    workers: int = typer.Option(0, "--workers", help="Image-decoding processes."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Predicted class and probabilities of each image."""
+    """Predicted class and probabilities of each image (under torchrun: each process a shard, rank 0 writes)."""
     from leukolab.pipelines.classify import predict_images
     from leukolab.utils.files import write_text
 
     if out is not None and out.exists():
         raise LeukolabError(f"{out} already exists; refusing to overwrite it")
-    table = predict_images(run, list(images))
+    table = predict_images(run, list(images), batch_size=batch_size, tta=tta, show_progress=progress,
+                           num_workers=workers)
+    if table is None:  # another torchrun rank than 0: rank 0 writes
+        return
     if out is not None:
         write_text(out, table.to_csv(index=False))
         typer.echo(f"wrote {out}")

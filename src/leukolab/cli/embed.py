@@ -55,6 +55,8 @@ def embed(
                            batch_size=batch_size, device=device, show_progress=progress, allow_pickle=allow_pickle,
                            preprocess=preprocess)
     result = embed_dataset(model, list(data), out, options)
+    if result is None:  # another torchrun rank than 0: rank 0 writes
+        return
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     fs, loaded = result.features, result.model

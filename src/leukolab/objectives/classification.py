@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from leukolab.checkpoints import BackboneSpec
+from leukolab.data.mixing import BatchMixer, MixConfig
 from leukolab.errors import LeukolabError
 from leukolab.models.classifier import Classifier
 from leukolab.objectives.base import Objective, StepOutput, decay_groups
@@ -26,6 +27,10 @@ class ClassificationObjective(Objective):
     ``scorer`` (the pipeline passes :func:`leukolab.evaluation.metrics.classification_metrics`)
     turns the validation predictions into ``val_accuracy``, ``val_balanced_accuracy`` and
     ``val_f1_macro``; without one, validation reports ``val_loss`` only and picks by it.
+
+    ``mix`` (enabled): training batches go through :attr:`batch_transform`, a
+    :class:`~leukolab.data.mixing.BatchMixer` (timm's MixUp / CutMix, with this objective's
+    label smoothing) that turns their targets into soft targets; validation is never mixed.
     """
 
     monitor = "val_balanced_accuracy"
@@ -39,6 +44,7 @@ class ClassificationObjective(Objective):
         label_smoothing: float = 0.0,
         layer_decay: float = 1.0,
         scorer: Scorer | None = None,
+        mix: MixConfig | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < layer_decay <= 1.0:
@@ -49,6 +55,10 @@ class ClassificationObjective(Objective):
         self.label_smoothing = float(label_smoothing)
         self.layer_decay = float(layer_decay)
         self.scorer = scorer
+        #: training batches only: ``(x, class indices) -> (x, soft targets (N, C))``, or ``None``
+        self.batch_transform: BatchMixer | None = (
+            BatchMixer(mix, len(self.class_names), self.label_smoothing) if mix is not None and mix.enabled else None
+        )
         if scorer is None:
             self.monitor, self.monitor_mode = "val_loss", "min"
 
@@ -71,9 +81,22 @@ class ClassificationObjective(Objective):
         return [g for g in groups if g["params"]]
 
     def training_step(self, batch: Any) -> StepOutput:
+        """Cross-entropy of a batch; with :attr:`batch_transform`, against its soft targets.
+
+        Soft targets already hold the label smoothing (the mixer applies it before mixing), so
+        their loss is ``-sum_c w_c q_c log p_c`` averaged over the batch (torch's cross-entropy with
+        class-probability targets; timm's ``SoftTargetCrossEntropy`` without class weights) and
+        ``acc`` compares the prediction with the soft target's largest class.
+        """
         x, y = batch
+        if self.batch_transform is not None:
+            x, y = self.batch_transform(x, y)
         logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        if y.ndim == 2:  # soft targets
+            loss = F.cross_entropy(logits.float(), y.float(), weight=self.class_weights)
+            y = y.argmax(1)
+        else:
+            loss = F.cross_entropy(logits.float(), y, weight=self.class_weights, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean().item()
         return StepOutput(loss, {"acc": acc}, batch_size=int(y.shape[0]))
 

@@ -21,8 +21,11 @@ from torch.utils.data import DataLoader
 
 import leukolab.objectives  # noqa: F401 - registers the built-in objectives
 from leukolab.checkpoints import load_run_state
+from leukolab.data.background import BACKGROUND, assign_folds, join, read_background, without
 from leukolab.data.checks import require_readable
 from leukolab.data.dataset import ImageDataset
+from leukolab.data.folds_file import read_folds_file, require_inside
+from leukolab.data.mixing import MixConfig
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
 from leukolab.data.transforms import eval_transform, train_transform
@@ -54,27 +57,80 @@ class Splits:
 
 
 def make_splits(data_cfg: dict[str, Any], seed: int) -> Splits:
-    """Read the data, split it when it has no splits, and apply the label fraction."""
+    """Read the data, split it when it has no splits, add the background class, apply the label fraction.
+
+    With ``folds_file`` and ``fold`` the split is that fold of the file (:func:`_fold_parts`).
+    ``background`` images (:func:`_add_background`) join every split.
+    """
     fraction = check_fraction(float(data_cfg["label_fraction"]))
-    parts = read_labelled(data_cfg["path"])
-    if "all" in parts:
-        data = parts["all"]
-        idx = stratified_split(data.labels, data_cfg["val_fraction"], data_cfg["test_fraction"], seed)
-        train, val, test = (data.subset(idx[s]) for s in ("train", "val", "test"))
+    n_folds = 0
+    if data_cfg.get("folds_file"):
+        (train, val, test), n_folds = _fold_parts(data_cfg)
     else:
-        if "train" not in parts:
-            raise LeukolabError(f"{data_cfg['path']}: has splits {sorted(parts)} but no 'train'")
-        # a split the folder lacks is carved out of train/ (stratified, by seed)
-        idx = stratified_split(parts["train"].labels, 0.0 if "val" in parts else data_cfg["val_fraction"],
-                               0.0 if "test" in parts else data_cfg["test_fraction"], seed)
-        val = parts["val"] if "val" in parts else parts["train"].subset(idx["val"])
-        test = parts["test"] if "test" in parts else parts["train"].subset(idx["test"])
-        train = parts["train"].subset(idx["train"])
+        train, val, test = _folder_parts(data_cfg, seed)
+    if data_cfg.get("background"):
+        train, val, test = _add_background((train, val, test), data_cfg, seed, n_folds)
     names = list(train.class_names)
     for part in (val, test):
         part.class_names = names
     keep = label_fraction_subset(train.labels, fraction, seed)
     return Splits(train.subset(keep), val, test, names, train)
+
+
+def _folder_parts(data_cfg: dict[str, Any], seed: int) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
+    """Train, val and test of a folder or CSV (a split it lacks carved out of train, stratified, by seed)."""
+    parts = read_labelled(data_cfg["path"])
+    if "all" in parts:
+        data = parts["all"]
+        idx = stratified_split(data.labels, data_cfg["val_fraction"], data_cfg["test_fraction"], seed)
+        return data.subset(idx["train"]), data.subset(idx["val"]), data.subset(idx["test"])
+    if "train" not in parts:
+        raise LeukolabError(f"{data_cfg['path']}: has splits {sorted(parts)} but no 'train'")
+    idx = stratified_split(parts["train"].labels, 0.0 if "val" in parts else data_cfg["val_fraction"],
+                           0.0 if "test" in parts else data_cfg["test_fraction"], seed)
+    val = parts["val"] if "val" in parts else parts["train"].subset(idx["val"])
+    test = parts["test"] if "test" in parts else parts["train"].subset(idx["test"])
+    return parts["train"].subset(idx["train"]), val, test
+
+
+def _fold_parts(data_cfg: dict[str, Any]) -> tuple[tuple[LabelledImages, LabelledImages, LabelledImages], int]:
+    """Fold ``fold`` of ``folds_file`` as val, the other folds as train; test = its ``split == test`` rows.
+
+    A DATA folder given too must hold every image of the file.
+    """
+    csv_path = Path(data_cfg["folds_file"])
+    split = read_folds_file(csv_path, data_cfg["fold"])
+    data = Path(data_cfg["path"])
+    if data.resolve() != csv_path.resolve():
+        if not data.is_dir():
+            raise LeukolabError(f"DATA {data} is not the folds file {csv_path} nor a folder holding its images; "
+                                "expected the folds file alone or with the folder of its images")
+        require_inside(split, data, csv_path)
+    return (split.train, split.val, split.test), split.n_folds
+
+
+def _add_background(
+    parts: tuple[LabelledImages, LabelledImages, LabelledImages], data_cfg: dict[str, Any], seed: int, n_folds: int,
+) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
+    """The ``background`` folder's images added to train, val and test as class ``background``.
+
+    They are split on their own, so the other classes keep the split they have without them: by
+    ``val_fraction`` / ``test_fraction`` (stratified, by seed) whatever the layout of DATA -- so
+    background crops are in val (``best.pt`` is picked with them) and in the run's test split; with a
+    folds file they are dealt over its ``n_folds`` folds (seeded) and the run's fold is val. Images
+    already in DATA (a DIR inside it) are not added twice.
+    """
+    bg = without(read_background(data_cfg["background"]), parts)
+    names = sorted({*parts[0].class_names, BACKGROUND})
+    if n_folds:
+        folds = assign_folds(len(bg), n_folds, seed)
+        idx = {"train": list(np.flatnonzero(folds != data_cfg["fold"])),
+               "val": list(np.flatnonzero(folds == data_cfg["fold"])), "test": []}
+    else:  # fewer than 3 images all train
+        idx = stratified_split(bg.labels, data_cfg["val_fraction"], data_cfg["test_fraction"], seed)
+    train, val, test = (join(part, bg.subset(idx[s]), names) for part, s in zip(parts, ("train", "val", "test"),
+                                                                              strict=True))
+    return train, val, test
 
 
 def splits_table(splits: Splits) -> pd.DataFrame:
@@ -142,22 +198,37 @@ def adopt_init_architecture(cfg: dict[str, Any], allow_pickle: bool = False) -> 
 
 def build_objective(cfg: dict[str, Any], splits: Splits, allow_pickle: bool = False) -> ClassificationObjective:
     """The classification objective of a resolved config over ``splits`` (scored by
-    :func:`~leukolab.evaluation.metrics.classification_metrics`)."""
+    :func:`~leukolab.evaluation.metrics.classification_metrics`; training batches mixed as ``mix:`` says)."""
     o = cfg["optim"]
     return OBJECTIVES.build(
         "classification", model=build_model(cfg, len(splits.class_names), allow_pickle),
         class_names=splits.class_names,
         class_weights=class_weights(splits.train.labels, splits.class_names) if o["class_weights"] else None,
         label_smoothing=o["label_smoothing"], layer_decay=float(o.get("layer_decay", 1.0)),
-        scorer=classification_metrics,
+        scorer=classification_metrics, mix=MixConfig.from_config(cfg.get("mix")),
     )
 
 
 def _prepare(cfg: dict[str, Any], allow_pickle: bool = False) -> None:
-    """A new run's data and ``--init`` paths made absolute; the init checkpoint's architecture adopted."""
-    if not cfg["data"]["path"]:
+    """A new run's options checked and paths made absolute (data, folds file, background, ``--init``);
+    the init checkpoint's architecture adopted."""
+    d = cfg["data"]
+    MixConfig.from_config(cfg.get("mix"))
+    if d.get("fold") is not None and not d.get("folds_file"):
+        if not str(d["path"] or "").lower().endswith(".csv"):
+            raise LeukolabError(f"--fold {d['fold']} needs --folds-file F (a path,label,fold CSV) or DATA being one")
+        d["folds_file"] = d["path"]
+    if d.get("folds_file"):
+        if d.get("fold") is None:
+            raise LeukolabError(f"--folds-file {d['folds_file']} needs --fold K, the validation fold (0..K-1)")
+        d["folds_file"] = str(Path(d["folds_file"]).resolve())
+        d["path"] = d["path"] or d["folds_file"]
+    if not d["path"]:
         raise LeukolabError("no data given; expected a folder of class folders or a path,label CSV")
-    cfg["data"]["path"] = str(Path(cfg["data"]["path"]).resolve())
+    d["path"] = str(Path(d["path"]).resolve())
+    if d.get("background"):
+        d["background"] = str(Path(d["background"]).resolve())
+        read_background(d["background"])  # a missing or empty folder fails before anything is written
     if cfg["model"].get("init"):
         cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
         adopt_init_architecture(cfg, allow_pickle)
@@ -179,7 +250,8 @@ def train_classifier(
     """
     run = open_run("train", out, config_file, overrides, resume,
                    prepare=lambda c: _prepare(c, allow_pickle), name=name or (
-        lambda c: f"{c['model']['backbone']}-f{c['data']['label_fraction']:g}-s{c['seed']}"))
+        lambda c: f"{c['model']['backbone']}-f{c['data']['label_fraction']:g}-s{c['seed']}"
+        + (f"-fold{c['data']['fold']}" if c["data"].get("fold") is not None else "")))
     cfg, d = run.cfg, run.cfg["data"]
     splits = make_splits(d, run.seed)
     objective = build_objective(cfg, splits, allow_pickle)  # a bad backbone/init fails before the image check
@@ -222,62 +294,104 @@ def load_run(run: Path | str, device: torch.device | None = None) -> tuple[Class
     return objective.to(device).eval(), cfg
 
 
-def _eval_data(data: Path | str | None, run: Path, cfg: dict[str, Any]) -> LabelledImages:
+def _test_split(run: Path) -> LabelledImages:
+    """The test split of a run folder (from its ``splits.csv``)."""
+    folder = run.parent if run.is_file() else run
+    splits_csv = folder / "splits.csv"
+    if not splits_csv.is_file():
+        raise LeukolabError(f"{folder}: no splits.csv; pass --data TEST_DIR")
+    df = pd.read_csv(splits_csv)
+    df = df[df["split"] == "test"]
+    if df.empty:
+        raise LeukolabError(f"{folder}: the run has no test split; pass --data TEST_DIR")
+    return LabelledImages([Path(p) for p in df["path"]], list(df["label"].astype(str)))
+
+
+def _eval_data(data: Path | str | None, run: Path) -> LabelledImages:
+    """The labelled images to evaluate on: ``data`` (its test split, else all of it) or, by default, the
+    test split of the run -- of an ensemble, the test split its members share (refused when they differ)."""
     if data is None:
-        splits_csv = run / "splits.csv"
-        if not splits_csv.is_file():
-            raise LeukolabError(f"{run}: no splits.csv; pass --data TEST_DIR")
-        df = pd.read_csv(splits_csv)
-        df = df[df["split"] == "test"]
-        if df.empty:
-            raise LeukolabError(f"{run}: the run has no test split; pass --data TEST_DIR")
-        return LabelledImages([Path(p) for p in df["path"]], list(df["label"].astype(str)))
+        from leukolab.pipelines.predictors import ensemble_members, is_ensemble
+
+        if not is_ensemble(run):
+            return _test_split(run)
+        tests = [_test_split(m) for m in ensemble_members(run)]
+        if any(set(t.paths) != set(tests[0].paths) for t in tests[1:]):
+            raise LeukolabError(f"{run}: the ensemble's members have different test splits; pass --data TEST_DIR")
+        return tests[0]
     parts = read_labelled(data, min_classes=1)
     return parts.get("test") or parts.get("all") or next(iter(parts.values()))
 
 
 def evaluate_run(
     run: Path | str, data: Path | str | None = None, out: Path | None = None, batch_size: int = 128,
-    check_images: bool = True, show_progress: bool = True,
+    check_images: bool = True, show_progress: bool = True, tta: bool | None = None, num_workers: int = 0,
 ) -> Path:
-    """Evaluate a run on ``data`` (default: its own test split); returns the folder written.
+    """Evaluate a run or an ensemble folder on ``data`` (default: the run's own test split); returns the folder
+    written.
 
-    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and
-    ``curves.png`` into a new folder (``RUN/eval``, ``RUN/eval-2``, ...).
+    Writes ``metrics.json`` (with ``log_loss`` and ``tta``), ``predictions.csv``, ``confusion_matrix.png`` and,
+    when the run has a history, ``curves.png`` into a new folder (``RUN/eval``, ``RUN/eval-2``, ... or
+    ``ENSEMBLE/eval`` ...). ``tta``: average over the 8 dihedral views (``None``: an ensemble's own setting,
+    off for a run). Under torchrun each rank predicts its shard of the images and rank 0 writes.
     """
+    from leukolab.evaluation.ensemble_weights import log_loss
+    from leukolab.pipelines.predictors import load_predictor, predict_paths
+
     run = Path(run)
-    objective, cfg = load_run(run)
-    test = _eval_data(data, run, cfg)
-    names = objective.class_names
+    distributed.init_distributed()
+    predictor = load_predictor(run, tta)
+    test = _eval_data(data, run)
+    names = list(predictor.class_names)
+    y = np.asarray(test.targets(names), dtype=np.int64)
     if check_images:
-        require_readable(test.paths, show_progress)
-    loader = make_loader(test, names, cfg["data"]["img_size"], batch_size, train=False)
-    probs, y = objective.predict(loader, next(objective.parameters()).device)
-    pred = probs.argmax(1)
-    metrics = classification_metrics(y, pred, names)
-    metrics["data"] = str(data) if data is not None else "test split of the run"
-    out_dir = unique_child(run, "eval") if out is None else unique_child(Path(out).parent, Path(out).name)
-    write_metrics(metrics, out_dir / "metrics.json")
-    table = pd.DataFrame({"path": [str(p) for p in test.paths], "actual": [names[i] for i in y],
-                          "predicted": [names[i] for i in pred]})
-    for i, c in enumerate(names):
-        table[f"prob_{c}"] = probs[:, i]
-    write_table(table, out_dir / "predictions.csv", "predictions, one row per image")
-    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png")
-    if (run / "history.csv").is_file():
-        plot_curves(pd.read_csv(run / "history.csv"), out_dir / "curves.png", title=run.name)
-    return out_dir
+        require_readable(distributed.shard(test.paths), show_progress and distributed.is_main())
+    probs = predict_paths(predictor, test.paths, batch_size, show_progress=show_progress, num_workers=num_workers,
+                          desc="evaluating")
+
+    def write() -> Path:
+        assert probs is not None  # rank 0 holds every row
+        pred = probs.argmax(1)
+        metrics = classification_metrics(y, pred, names)
+        metrics["log_loss"] = log_loss(probs, y)
+        metrics["tta"] = bool(getattr(predictor, "tta", False))
+        metrics["model"] = str(run)
+        metrics["data"] = str(data) if data is not None else "test split of the run"
+        out_dir = unique_child(run, "eval") if out is None else unique_child(Path(out).parent, Path(out).name)
+        write_metrics(metrics, out_dir / "metrics.json")
+        table = pd.DataFrame({"path": [str(p) for p in test.paths], "actual": [names[i] for i in y],
+                              "predicted": [names[i] for i in pred]})
+        for i, c in enumerate(names):
+            table[f"prob_{c}"] = probs[:, i]
+        write_table(table, out_dir / "predictions.csv", "predictions, one row per image")
+        plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, out_dir / "confusion_matrix.png")
+        if (run / "history.csv").is_file():
+            plot_curves(pd.read_csv(run / "history.csv"), out_dir / "curves.png", title=run.name)
+        return out_dir
+
+    return distributed.shared_run_dir(write)
 
 
-def predict_images(run: Path | str, inputs: list[Path], batch_size: int = 128) -> pd.DataFrame:
-    """Predicted class and per-class probabilities for image files and/or folders."""
-    objective, cfg = load_run(run)
+def predict_images(
+    run: Path | str, inputs: list[Path], batch_size: int = 128, tta: bool | None = None,
+    show_progress: bool = False, num_workers: int = 0,
+) -> pd.DataFrame | None:
+    """Predicted class and per-class probabilities for image files and/or folders, by a run or an ensemble
+    folder (``tta``: as in :func:`evaluate_run`).
+
+    Under torchrun each rank predicts its shard of the images; the table is returned on rank 0 and
+    ``None`` on the other ranks.
+    """
+    from leukolab.pipelines.predictors import load_predictor, predict_paths
+
+    distributed.init_distributed()
+    predictor = load_predictor(run, tta)
     paths = expand_image_inputs(inputs)
-    require_readable(paths, show_progress=False)
-    names = objective.class_names
-    data = LabelledImages(paths, [names[0]] * len(paths), names)
-    loader = make_loader(data, names, cfg["data"]["img_size"], batch_size, train=False)
-    probs, _ = objective.predict(loader, next(objective.parameters()).device)
+    require_readable(distributed.shard(paths), show_progress=False)
+    names = list(predictor.class_names)
+    probs = predict_paths(predictor, paths, batch_size, show_progress=show_progress, num_workers=num_workers)
+    if probs is None:
+        return None
     table = pd.DataFrame({"path": [str(p) for p in paths], "predicted": [names[i] for i in probs.argmax(1)]})
     for i, c in enumerate(names):
         table[f"prob_{c}"] = probs[:, i]

@@ -8,6 +8,10 @@ both concatenated (``both``) of a ViT's tokens after a chosen block (see
 :func:`leukolab.models.tokens.pool_features`); other backbones give their
 pooled features. Images are resized and normalised the way the model was
 trained (its checkpoint's statistics), unless ``norm`` says otherwise.
+
+Under ``torchrun --nproc_per_node N`` (or several nodes) each rank embeds its
+:func:`~leukolab.training.distributed.shard` of the images and rank 0 merges
+the rows in input order and writes the same file one process writes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
 from leukolab.models.loading import LoadedBackbone, load_any_backbone, reinitialise
 from leukolab.models.tokens import check_layer, check_pool, pool_features
+from leukolab.training import distributed
 from leukolab.training.loop import pick_device
 from leukolab.utils.progress import progress as progress_bar
 
@@ -144,16 +149,19 @@ def embed_dataset(
     data: Sequence[Path | str] | Path | str,
     out: Path | str,
     options: EmbedOptions | None = None,
-) -> EmbedResult:
+) -> EmbedResult | None:
     """Embed every image of one or more data sets and write a new features file ``out``.
 
     Paths are stored absolute; the features are unlabelled when some data set
     has no labels, and carry a ``source`` (and, for split data, a ``split``)
     column. Raises :class:`LeukolabError` for bad options, an existing ``out``
-    (both checked before anything is computed) and unreadable inputs.
+    (both checked before anything is computed) and unreadable inputs. Under
+    torchrun each rank embeds its shard of the images; rank 0 writes ``out`` and
+    returns the result, the other ranks return ``None``.
     """
     opts = options or EmbedOptions()
     out = check_features_out(out)
+    distributed.init_distributed(opts.device)
     check_pool(opts.pool)
     model_eval_transform(8, "leukolab", None, opts.preprocess)  # a bad --preprocess fails before any work
     images = collect_sources(data, labels=opts.labels)
@@ -171,11 +179,18 @@ def embed_dataset(
         layer = check_layer(backbone, layer)  # before any image is read
     elif layer != -1 or not opts.final_norm:
         notes.append(f"--layer / --no-final-norm ignored: {loaded.name} is not a ViT")
-    feats = embed_paths(backbone, images.paths, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
-                        final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
-                        show_progress=opts.show_progress,
-                        transform=model_eval_transform(loaded.img_size, loaded.normalisation, loaded.spec,
-                                                       opts.preprocess))
+    if not images.paths:
+        raise LeukolabError("no images to embed")
+    mine = distributed.shard(images.paths)
+    part = embed_paths(backbone, mine, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
+                       final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
+                       show_progress=opts.show_progress and distributed.is_main(),
+                       transform=model_eval_transform(loaded.img_size, loaded.normalisation, loaded.spec,
+                                                      opts.preprocess)) if mine else np.zeros((0, 0), np.float32)
+    rows = distributed.gather_shards(list(part), len(images.paths))
+    if rows is None:  # not rank 0: rank 0 writes
+        return None
+    feats = np.stack(rows).astype(np.float32, copy=False)
     fs = FeatureSet(feats, [str(p.resolve()) for p in images.paths], images.labels, images.extra)
     save_features(fs, out)
     default_tokens = not loaded.vit or (layer == len(backbone.blocks) - 1 and opts.final_norm)

@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from leukolab.config import diff_overrides, load_defaults, read_yaml, resolve
+from leukolab.config import diff_overrides, fill_missing, load_defaults, read_yaml, resolve
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.manifest import record
 from leukolab.evaluation.plots import plot_curves
@@ -127,8 +127,10 @@ def _saved_config(task: str, run_dir: Path, overrides: Mapping[str, Any]) -> dic
     if not (run_dir / "config.yaml").is_file():
         raise LeukolabError(f"cannot resume: {run_dir} has no config.yaml; expected a leukolab {task} run folder")
     cfg = read_yaml(run_dir / "config.yaml")
-    if set(cfg) != set(load_defaults(task)):
+    defaults = load_defaults(task)
+    if not (set(cfg) <= set(defaults) and {"seed", "data", "optim", "train"} <= set(cfg)):
         raise LeukolabError(f"cannot resume: {run_dir} is not a leukolab {task} run")
+    cfg = fill_missing(cfg, defaults)  # keys added since the run was written: their defaults keep its behaviour
     conflicts = diff_overrides(cfg, dict(overrides))
     if conflicts:
         raise LeukolabError(f"cannot resume {run_dir} with a different config: {'; '.join(conflicts)}")

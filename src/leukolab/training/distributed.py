@@ -11,7 +11,7 @@ files; :func:`shared_run_dir` hands its path to the other ranks.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -109,3 +109,24 @@ def train_sampler(
     if min_samples > n:
         return RandomSampler(dataset, num_samples=min_samples, generator=generator)
     return None
+
+
+def shard(items: Sequence[_T]) -> list[_T]:
+    """This rank's share of ``items`` for sharded inference: every ``world_size()``-th item from ``rank()``
+    (all of them without torchrun). :func:`gather_shards` puts the results back in input order."""
+    return list(items[rank()::world_size()])
+
+
+def gather_shards(part: list[_T], total: int) -> list[_T] | None:
+    """Merge the per-rank results of :func:`shard` back into input order: the full list on rank 0,
+    ``None`` on the other ranks (only rank 0 writes). Without torchrun, ``part`` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or world_size() == 1:
+        return part
+    parts: list[list[_T]] | None = [[] for _ in range(world_size())] if is_main() else None
+    dist.gather_object(part, parts, dst=0)
+    if parts is None:
+        return None
+    merged: list[_T] = [None] * total  # type: ignore[list-item]
+    for r, chunk in enumerate(parts):
+        merged[r::world_size()] = chunk
+    return merged

@@ -1,0 +1,403 @@
+"""From smear fields to a differential count: detect white cells, crop, classify, count; and background mining.
+
+``leukolab smear analyse`` (:func:`analyse_smears`) applies a detector run to
+each field (:func:`leukolab.models.detection_infer.predict_field`, as ``detect
+predict`` does), keeps the detector's white-cell class, cuts a square with a
+margin around each box (:mod:`leukolab.data.crops`), and classifies the crops
+with a classifier run, an ensemble folder, or several of them averaged with
+equal weights (:func:`leukolab.pipelines.predictors.load_predictor`). Crops the
+classifier calls ``background`` are false detections: they are counted, but
+not in the differential (:mod:`leukolab.evaluation.differential`).
+
+Under ``torchrun`` every rank analyses its shard of the fields
+(:func:`leukolab.training.distributed.shard`), a block at a time; rank 0
+gathers the results in input order and writes the same files a single process
+writes.
+
+``leukolab smear mine-background`` (:func:`mine_background`) writes crops of
+what is *not* a white cell -- detections that overlap no annotated white cell,
+and random squares away from them -- for ``leukolab train --background DIR``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from leukolab.data.crops import (
+    DEFAULT_MARGIN,
+    PAD_MODES,
+    crop_square,
+    field_fill,
+    random_squares,
+    square_around,
+    white_cell_class,
+)
+from leukolab.data.dataset import load_rgb
+from leukolab.errors import LeukolabError
+from leukolab.evaluation.differential import (
+    BACKGROUND,
+    TOTAL,
+    cell_types,
+    differential_table,
+    draw_cells,
+    match_truth,
+    plot_differential,
+    truth_table,
+)
+from leukolab.evaluation.manifest import record
+from leukolab.evaluation.metrics import write_metrics
+from leukolab.evaluation.tables import write_table
+from leukolab.models.detection import Detector
+from leukolab.models.detection_infer import TileSpec, predict_field
+from leukolab.pipelines.detect import _scale, _tiles, load_detector
+from leukolab.pipelines.predictors import EnsemblePredictor, Predictor, load_predictor
+from leukolab.training import distributed
+from leukolab.training.loop import pick_device
+from leukolab.utils.files import atomic_folder, write_bytes
+
+__all__ = ["FieldResult", "SmearOptions", "analyse_smears", "load_classifiers", "mine_background"]
+
+#: fields each rank analyses between two merges on rank 0 (bounds the memory of gathered annotated PNGs)
+BLOCK = 8
+#: annotated fields listed in the report (all of them are written)
+REPORTED_FIELDS = 24
+#: a detection overlapping an annotated white cell by less than this IoU is background
+BACKGROUND_IOU = 0.1
+
+
+@dataclass
+class SmearOptions:
+    """How ``smear analyse`` turns fields into cells.
+
+    ``score``: detector score threshold of the white-cell class; ``margin``: fraction of the box side added
+    on each side of a crop (:data:`~leukolab.data.crops.DEFAULT_MARGIN`); ``pad``: ``reflect`` or ``median``
+    where a crop leaves the field; ``tile``: tile fields larger than the detector's training fields;
+    ``cell_class``: the detector class to classify (default: its white-cell class); ``tta``: dihedral
+    test-time augmentation of the classifiers; ``batch_size``: crops per classifier batch; ``device``:
+    ``auto``, ``cpu``, ``cuda`` ...; ``draw``: write ``annotated/``; ``progress``: a progress bar.
+    """
+
+    score: float = 0.3
+    margin: float = DEFAULT_MARGIN
+    pad: str = "reflect"
+    tile: bool = False
+    cell_class: str | None = None
+    tta: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    draw: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        """One-line errors for values out of range."""
+        if not 0.0 <= self.score <= 1.0:
+            raise LeukolabError(f"--score {self.score}: expected a detector score in [0, 1]")
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise LeukolabError(f"--margin {self.margin}: expected a fraction of the box side >= 0, e.g. 0.5")
+        if self.pad not in PAD_MODES:
+            raise LeukolabError(f"--pad {self.pad!r}: expected one of {', '.join(PAD_MODES)}")
+        if self.batch_size < 1:
+            raise LeukolabError(f"--batch-size {self.batch_size}: expected at least 1")
+
+
+@dataclass
+class FieldResult:
+    """One analysed field: its cells' ``boxes`` (N, 4), detector ``scores`` (N,) and class ``probs`` (N, K),
+    the annotated field as PNG bytes (or None), the seconds it took, or the ``error`` that stopped it."""
+
+    image: str
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    png: bytes | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- models
+def _load_detector(run: Path | str, device: torch.device) -> tuple[Detector, dict[str, Any]]:
+    try:
+        return load_detector(run, device)
+    except LeukolabError as exc:
+        raise LeukolabError(f"--detector {run}: {exc}") from None
+
+
+def load_classifiers(paths: Sequence[Path | str], tta: bool = False, device: torch.device | None = None) -> Predictor:
+    """One predictor of classifier runs / ensemble folders: their equal-weight mean when several are given."""
+    if not paths:
+        raise LeukolabError("no --classifier given; expected a leukolab train run or an ensemble folder")
+    predictors = []
+    for p in paths:
+        try:
+            predictors.append(load_predictor(p, tta, device))
+        except LeukolabError as exc:
+            raise LeukolabError(f"--classifier {p}: {exc}") from None
+    if len(predictors) == 1:
+        return predictors[0]
+    names = list(predictors[0].class_names)
+    for p, pred in zip(paths[1:], predictors[1:], strict=True):
+        if list(pred.class_names) != names:
+            raise LeukolabError(f"--classifier {p} has classes {', '.join(pred.class_names)}; --classifier "
+                                f"{paths[0]} has {', '.join(names)}; expected the same classes in the same order")
+    weights = np.full(len(predictors), 1.0 / len(predictors))
+    return EnsemblePredictor(predictors, weights, names, ", ".join(str(p) for p in paths))
+
+
+class _Analyser:
+    """Detect, crop and classify one field at a time."""
+
+    def __init__(self, detector: Detector, meta: dict[str, Any], predictor: Predictor, options: SmearOptions):
+        self.detector, self.meta, self.predictor, self.options = detector, meta, predictor, options
+        classes = list(meta["classes"])
+        self.cell = white_cell_class(classes, options.cell_class)
+        self.cell_name = classes[self.cell]
+        self.thresholds = np.full(len(classes), np.inf)  # other classes are never kept
+        self.thresholds[self.cell] = options.score
+        self.tiles: TileSpec | None = _tiles(meta, None, None) if options.tile else None
+        self.classes = list(predictor.class_names)
+
+    def crops(self, image: np.ndarray, boxes: np.ndarray) -> list[Image.Image]:
+        fill = field_fill(image) if self.options.pad == "median" else None
+        return [Image.fromarray(crop_square(image, square_around(b, self.options.margin), self.options.pad, fill))
+                for b in boxes]
+
+    def field(self, path: Path) -> FieldResult:
+        start = time.perf_counter()
+        try:
+            image = np.asarray(load_rgb(path))
+        except LeukolabError as exc:
+            return FieldResult(str(path), error=str(exc))
+        pred = predict_field(self.detector, image, _scale(self.meta, image, self.tiles), self.thresholds, self.tiles)
+        pred = pred.keep(pred.labels == self.cell)
+        crops = self.crops(image, pred.boxes)
+        probs = (self.predictor.predict_images(crops, self.options.batch_size) if crops
+                 else np.zeros((0, len(self.classes)), dtype=np.float32))
+        png = None
+        if self.options.draw:
+            top = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+            im = draw_cells(image, pred.boxes, top, self.classes, probs.max(1) if len(probs) else np.zeros(0))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            png = buf.getvalue()
+        return FieldResult(str(path), pred.boxes.astype(np.float64), pred.scores.astype(np.float64),
+                           np.asarray(probs, dtype=np.float64), png, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- analyse
+def _out_problem(out: Path, truth: Path | None) -> str | None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"{out} already exists and is not empty; refusing to overwrite it"
+    if truth is not None:
+        try:
+            truth_table(_read_csv(truth))
+        except LeukolabError as exc:
+            return str(exc)
+    return None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise LeukolabError(f"--truth {path}: cannot read it as CSV ({exc.__class__.__name__}); expected a table "
+                            "with image, box and type columns") from None
+
+
+def _annotated_names(paths: Sequence[Path]) -> list[str]:
+    if len({p.stem for p in paths}) < len(paths):
+        return [f"{i:05d}_{p.stem}.png" for i, p in enumerate(paths)]
+    return [f"{p.stem}.png" for p in paths]
+
+
+def cells_frame(results: Sequence[FieldResult], classes: Sequence[str]) -> pd.DataFrame:
+    """``cells.csv``: one row per classified cell (image, box, detector score, type, ``p_<class>``)."""
+    cols = ["image", "x1", "y1", "x2", "y2", "detector_score", "type", *(f"p_{c}" for c in classes)]
+    rows = []
+    for r in results:
+        for box, s, p in zip(r.boxes, r.scores, r.probs, strict=True):
+            rows.append([r.image, *(round(float(v), 1) for v in box), round(float(s), 4), classes[int(np.argmax(p))],
+                         *(round(float(v), 4) for v in p)])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def analyse_smears(
+    images: Sequence[Path | str], detector: Path | str, classifiers: Sequence[Path | str], out: Path | str,
+    options: SmearOptions | None = None, truth: Path | str | None = None,
+) -> Path | None:
+    """Analyse smear fields (image files and folders); writes the new folder ``out`` and returns it.
+
+    ``out`` holds ``cells.csv`` (one row per classified cell), ``differential.csv`` (counts and percentages
+    of each type per image and a ``TOTAL`` row; background crops in their own column), ``differential.png``,
+    ``annotated/<image>.png`` (box colour = type, label = type and probability) and ``summary.json``; with
+    ``truth`` (a CSV of annotated white cells, see :func:`~leukolab.evaluation.differential.truth_table`)
+    also ``truth.json``, ``truth_matches.csv`` and ``truth_fields.csv``
+    (:func:`~leukolab.evaluation.differential.match_truth`). Under torchrun each rank analyses a shard of
+    the fields and rank 0 writes; the other ranks return ``None``.
+    """
+    from tqdm.auto import tqdm
+
+    from leukolab.data.readers import expand_image_inputs
+
+    options = options or SmearOptions()
+    options.check()
+    out, truth = Path(out), (Path(truth) if truth is not None else None)
+    distributed.init_distributed(options.device)
+    paths = expand_image_inputs(images)
+    problem = distributed.broadcast_from_main(lambda: _out_problem(out, truth))
+    if problem:
+        raise LeukolabError(problem)
+    device = pick_device(options.device)
+    det, meta = _load_detector(detector, device)
+    predictor = load_classifiers(list(classifiers), options.tta, device)
+    analyser = _Analyser(det, meta, predictor, options)
+    names = _annotated_names(paths)
+    world = distributed.world_size()
+
+    def work(root: Path | None) -> None:
+        results: list[FieldResult] = []
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(paths), desc="smear fields", leave=False, dynamic_ncols=True,
+                   disable=not (options.progress and root is not None))
+        try:
+            for start in range(0, len(paths), BLOCK * world):
+                chunk = paths[start:start + BLOCK * world]
+                merged = distributed.gather_shards([analyser.field(p) for p in distributed.shard(chunk)], len(chunk))
+                error = distributed.broadcast_from_main(
+                    lambda m=merged: next((r.error for r in m if r.error), None))  # type: ignore[union-attr]
+                if error:
+                    raise LeukolabError(error)
+                if root is not None and merged is not None:
+                    for k, r in enumerate(merged):
+                        if r.png is not None:
+                            write_bytes(root / "annotated" / names[start + k], r.png)
+                            r.png = None
+                    results += merged
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        if root is not None:
+            _write_outputs(root, results, paths, names, analyser, detector, classifiers, world,
+                           time.perf_counter() - t0, truth)
+
+    if distributed.is_main():
+        return atomic_folder(out, work)
+    work(None)
+    return None
+
+
+def _write_outputs(
+    root: Path, results: list[FieldResult], paths: Sequence[Path], names: Sequence[str], analyser: _Analyser,
+    detector: Path | str, classifiers: Sequence[Path | str], world: int, wall: float, truth: Path | None,
+) -> None:
+    classes = analyser.classes
+    cells = cells_frame(results, classes)
+    images = [str(p) for p in paths]
+    table = differential_table(cells, images, classes)
+    write_table(table, root / "differential.csv", "differential count: cells of each type per field (and TOTAL)")
+    plot_differential(table, classes, root / "differential.png")
+    write_table(cells, root / "cells.csv", "cells: box, detector score, predicted type and probabilities")
+    total = table.loc[table["image"] == TOTAL].iloc[0]
+    types = cell_types(classes)
+    opts = analyser.options
+    summary: dict[str, Any] = {
+        "fields": len(paths), "fields_without_cells": int((table["cells"][table["image"] != TOTAL] == 0).sum()),
+        "cells": int(total["cells"]), "background": int(total[BACKGROUND]),
+        "counts": {t: int(total[t]) for t in types},
+        "percent": {t: (None if pd.isna(total[f"{t}_pct"]) else float(total[f"{t}_pct"])) for t in types},
+        "detector": str(detector), "classifiers": "; ".join(str(c) for c in classifiers),
+        "classes": ", ".join(classes), "cell_class": analyser.cell_name,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "draw")},
+        "ms_per_field": round(1000.0 * float(np.mean([r.seconds for r in results])), 1) if results else None,
+        "wall_seconds": round(wall, 2), "processes": world,
+    }
+    write_metrics(summary, root / "summary.json", "smear analysis summary")
+    if opts.draw:
+        for name in names[:REPORTED_FIELDS]:
+            record(root, f"annotated/{name}", "figure", f"annotated field {Path(name).stem}")
+    if truth is not None:
+        cmp = match_truth(cells, truth_table(_read_csv(truth)), fields=images)
+        write_metrics({**cmp.metrics, "truth": str(truth)}, root / "truth.json",
+                      "comparison with annotated white cells")
+        write_table(cmp.fields, root / "truth_fields.csv", "per field: true vs predicted cells, differential error")
+        write_table(cmp.matches, root / "truth_matches.csv", "annotated white cells: found? typed as?")
+
+
+# --------------------------------------------------------------------------- background mining
+def mine_background(
+    data: Path | str, detector: Path | str, out: Path | str, per_field: int = 4, seed: int = 0,
+    score: float = 0.05, margin: float = DEFAULT_MARGIN, pad: str = "reflect", cell_class: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write background crops of the fields of a detection data set into the new folder ``out``.
+
+    Per field, at most ``per_field`` crops: up to half of them (rounded up) from detections of any class
+    scoring at least ``score`` that overlap every annotated white cell by IoU < 0.1 (the highest-scoring
+    first, near-duplicates removed by class-agnostic NMS), the rest random squares of the data's median
+    white-cell size lying clear of every white-cell box. Crops use ``smear analyse``'s geometry (square,
+    ``margin``, ``pad``). ``out`` holds the crops (JPEG) and ``crops.csv``: file, image, kind
+    (``detection`` / ``random``), detector class and score, the inner box and the crop square.
+    """
+    from torchvision.ops import box_iou, nms
+
+    from leukolab.data.detection import read_detection
+    from leukolab.utils.progress import progress as bar
+
+    if per_field < 1:
+        raise LeukolabError(f"--per-field {per_field}: expected at least 1")
+    SmearOptions(score=score, margin=margin, pad=pad).check()
+    ds = read_detection(data)
+    wbc = ds.classes[white_cell_class(ds.classes, cell_class)]
+    sides = [max(b[2] - b[0], b[3] - b[1]) for it in ds.items for b, lab in zip(it.boxes, it.labels, strict=True)
+             if lab == wbc]
+    if not sides:
+        raise LeukolabError(f"{data}: no {wbc!r} boxes; expected annotated white cells to stay clear of")
+    side = max(1, round(float(np.median(sides))))
+    det, meta = _load_detector(detector, pick_device("auto"))
+    classes = list(meta["classes"])
+    stems = [it.image.stem for it in ds.items]
+    unique = len(set(stems)) == len(stems)
+
+    def fill(root: Path) -> None:
+        rows = []
+        for i, item in enumerate(bar(ds.items, "background crops", progress)):
+            rng = np.random.default_rng([seed, i])
+            image = np.asarray(load_rgb(item.image))
+            colour = field_fill(image)
+            wbcs = np.array([b for b, lab in zip(item.boxes, item.labels, strict=True) if lab == wbc]).reshape(-1, 4)
+            pred = predict_field(det, image, _scale(meta, image, None), score)
+            boxes = torch.as_tensor(pred.boxes, dtype=torch.float64)
+            far = (box_iou(boxes, torch.as_tensor(wbcs, dtype=torch.float64)).amax(1) < BACKGROUND_IOU
+                   if len(wbcs) and len(boxes) else torch.ones(len(boxes), dtype=torch.bool))
+            idx = torch.nonzero(far).flatten()
+            keep = idx[nms(boxes[idx], torch.as_tensor(pred.scores[idx.numpy()], dtype=torch.float64), 0.5)]
+            picked = [("detection", pred.boxes[k], classes[int(pred.labels[k])], float(pred.scores[k]))
+                      for k in keep.numpy()[: math.ceil(per_field / 2)]]
+            picked += [("random", np.array(sq, dtype=np.float64), "", np.nan) for sq in random_squares(
+                item.width, item.height, side, wbcs, per_field - len(picked), rng)]
+            prefix = item.image.stem if unique else f"{i:05d}_{item.image.stem}"
+            for k, (kind, box, cls, s) in enumerate(picked):
+                sq = square_around(box, margin)
+                name = f"{prefix}_{kind[:3]}{k:02d}.jpg"
+                buf = io.BytesIO()
+                Image.fromarray(crop_square(image, sq, pad, colour)).save(buf, format="JPEG", quality=95)
+                write_bytes(root / name, buf.getvalue())
+                rows.append({"file": name, "image": str(item.image), "kind": kind, "detector_class": cls,
+                             "score": round(s, 4) if s == s else np.nan,
+                             **{c: round(float(v), 1) for c, v in zip(("x1", "y1", "x2", "y2"), box, strict=True)},
+                             **dict(zip(("crop_x1", "crop_y1", "crop_x2", "crop_y2"), sq, strict=True))})
+        cols = ["file", "image", "kind", "detector_class", "score", "x1", "y1", "x2", "y2", "crop_x1", "crop_y1",
+                "crop_x2", "crop_y2"]
+        write_table(pd.DataFrame(rows, columns=cols), root / "crops.csv", "background crops: where each came from")
+
+    return atomic_folder(out, fill)
