@@ -167,7 +167,7 @@ def test_every_packaged_preset_is_a_valid_train_config() -> None:
         assert isinstance(classify.build_model(cfg, 5), nn.Module)
     best = resolve("train", None, {"preset": "pbc-best"})
     assert (best["model"]["backbone"], best["data"]["img_size"], best["train"]["epochs"]) == ("resnet18", 64, 15)
-    assert (best["optim"]["lr"], best["mix"]["mixup"], best["mix"]["cutmix"]) == (2e-3, 0.2, 0.0)
+    assert (best["optim"]["lr"], best["mix"]["mixup"], best["mix"]["cutmix"]) == (1e-3, 0.0, 0.0)
 
 
 def test_preset_config_and_options_merge_in_that_order(tmp_path: Path) -> None:
