@@ -153,3 +153,16 @@ def test_record_is_idempotent_and_writers_record_what_they_write(tmp_path: Path)
     (tmp_path / MANIFEST).write_text("[1, 2]")
     with pytest.raises(LeukolabError, match="not a leukolab artefact manifest"):
         read_manifest(tmp_path)
+
+
+def test_summary_warns_on_a_collapsed_model_not_on_a_class_the_data_lacks(tmp_path: Path) -> None:
+    from leukolab.pipelines.classify import metrics_summary
+
+    names = ["a", "b", "background"]
+    y = np.array([0, 0, 1, 1])
+    healthy = classification_metrics(y, y, names)  # 'background' never occurs in this data
+    collapsed = classification_metrics(y, np.zeros(4, dtype=int), names)
+    for name, m in (("healthy", healthy), ("collapsed", collapsed)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({k: v for k, v in m.items() if k != "confusion_matrix"}))
+    assert "WARNING" not in metrics_summary(tmp_path / "healthy.json")
+    assert "predicts only 1 of the 2 classes in the data" in metrics_summary(tmp_path / "collapsed.json")

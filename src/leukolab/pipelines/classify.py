@@ -424,7 +424,9 @@ def metrics_summary(metrics_path: Path) -> str:
     m = json.loads(Path(metrics_path).read_text())
     line = (f"accuracy {m['accuracy']:.3f} | balanced accuracy {m['balanced_accuracy']:.3f} | "
             f"macro F1 {m['f1_macro']:.3f} | n={m['n']}")
-    n_classes = len(m.get("class_names", []))
+    # a collapsed model: fewer classes predicted than the data holds (a class the data lacks, e.g. the
+    # background class of a smear classifier on clean cell crops, is not expected among the predictions)
+    n_classes = int(m.get("n_classes_present") or len(m.get("class_names", [])))
     if m.get("n_predicted_classes", n_classes) < n_classes:
-        line += f" | WARNING: predicts only {m['n_predicted_classes']} of {n_classes} classes"
+        line += f" | WARNING: predicts only {m['n_predicted_classes']} of the {n_classes} classes in the data"
     return line
