@@ -22,6 +22,16 @@ def load_rgb(path: Path) -> Image.Image:
         raise LeukolabError(f"cannot read image {path} ({exc.__class__.__name__}); expected an image file") from None
 
 
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` downscaled (aspect kept, bilinear: PIL's downscaling filters antialias) so that its longer side
+    is at most ``max_side``; the decode-time shrink of :class:`ImageDataset` and of every predictor."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
 class ImageDataset(Dataset):
     """``(image_tensor, target)`` pairs; ``target`` is -1 for unlabelled images.
 
@@ -63,11 +73,7 @@ class ImageDataset(Dataset):
 
     def _decode(self, i: int) -> Image.Image:
         img = load_rgb(self.paths[i])
-        if self.max_side and max(img.size) > self.max_side:
-            scale = self.max_side / max(img.size)
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            img = img.resize(size, Image.Resampling.BILINEAR)  # PIL's downscaling filters antialias
-        return img
+        return shrink(img, self.max_side) if self.max_side else img
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img = self.image(i)

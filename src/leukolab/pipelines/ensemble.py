@@ -32,7 +32,14 @@ from leukolab.errors import LeukolabError
 from leukolab.evaluation.ensemble_weights import OBJECTIVES, balanced_accuracy, fit_weights, log_loss, mix
 from leukolab.evaluation.metrics import classification_metrics, write_metrics
 from leukolab.evaluation.tables import write_table
-from leukolab.pipelines.predictors import ENSEMBLE_FILE, Predictor, is_ensemble, load_predictor, predict_paths
+from leukolab.pipelines.predictors import (
+    ENSEMBLE_FILE,
+    Predictor,
+    is_ensemble,
+    load_predictor,
+    predict_paths,
+    same_classes,
+)
 from leukolab.training import distributed
 from leukolab.utils.files import atomic_folder, write_text
 
@@ -75,11 +82,7 @@ def _load_members(members: Sequence[Path | str], tta: bool) -> list[Predictor]:
         if is_ensemble(m):
             raise LeukolabError(f"{m} is an ensemble folder; expected leukolab train runs as members")
         predictors.append(load_predictor(m, tta))  # a detector, MIL or pretraining run fails here, one line
-    names = list(predictors[0].class_names)
-    for m, p in zip(members, predictors, strict=True):
-        if list(p.class_names) != names:
-            raise LeukolabError(f"member {m} has classes {list(p.class_names)} but {members[0]} has {names}; "
-                                "expected every member to have the same class list")
+    same_classes([(f"member {m}", p) for m, p in zip(members, predictors, strict=True)])
     return predictors
 
 

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from leukolab.data.dataset import load_rgb
+from leukolab.data.dataset import load_rgb, shrink
 from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.models.tta import tta_probabilities
@@ -48,15 +48,6 @@ class Predictor(Protocol):
         """``(N, K)`` probabilities of ``images`` over :attr:`class_names` (rows sum to 1)."""
         ...
 
-
-def shrink(image: Image.Image, max_side: int) -> Image.Image:
-    """``image`` downscaled (aspect kept) so that its longer side is at most ``max_side``: the same decode-time
-    shrink the training loaders apply (:class:`~leukolab.data.dataset.ImageDataset` ``max_side``)."""
-    if max(image.size) <= max_side:
-        return image
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 @dataclass
@@ -216,6 +207,12 @@ def predict_paths(
     return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, k), dtype=np.float32)
 
 
-def read_images(paths: Sequence[Path]) -> list[Image.Image]:
-    """Decoded RGB images of ``paths`` (one-line error naming an unreadable file)."""
-    return [load_rgb(p) for p in paths]
+def same_classes(named: Sequence[tuple[str, Predictor]]) -> list[str]:
+    """The class list every ``(name, predictor)`` shares, or a one-line error naming the first that differs."""
+    (first, reference), *rest = named
+    names = list(reference.class_names)
+    for name, predictor in rest:
+        if list(predictor.class_names) != names:
+            raise LeukolabError(f"{name} has classes {list(predictor.class_names)} but {first} has {names}; "
+                                "expected every member to have the same class list")
+    return names

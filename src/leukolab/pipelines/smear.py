@@ -61,7 +61,7 @@ from leukolab.evaluation.tables import write_table
 from leukolab.models.detection import Detector
 from leukolab.models.detection_infer import TileSpec, predict_field
 from leukolab.pipelines.detect import _scale, _tiles, load_detector
-from leukolab.pipelines.predictors import EnsemblePredictor, Predictor, load_predictor
+from leukolab.pipelines.predictors import EnsemblePredictor, Predictor, load_predictor, same_classes
 from leukolab.training import distributed
 from leukolab.training.loop import pick_device
 from leukolab.utils.files import atomic_folder, write_bytes
@@ -145,11 +145,7 @@ def load_classifiers(paths: Sequence[Path | str], tta: bool = False, device: tor
             raise LeukolabError(f"--classifier {p}: {exc}") from None
     if len(predictors) == 1:
         return predictors[0]
-    names = list(predictors[0].class_names)
-    for p, pred in zip(paths[1:], predictors[1:], strict=True):
-        if list(pred.class_names) != names:
-            raise LeukolabError(f"--classifier {p} has classes {', '.join(pred.class_names)}; --classifier "
-                                f"{paths[0]} has {', '.join(names)}; expected the same classes in the same order")
+    names = same_classes([(f"--classifier {p}", pred) for p, pred in zip(paths, predictors, strict=True)])
     weights = np.full(len(predictors), 1.0 / len(predictors))
     return EnsemblePredictor(predictors, weights, names, ", ".join(str(p) for p in paths))
 
