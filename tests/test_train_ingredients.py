@@ -18,6 +18,7 @@ from leukolab.checkpoints import load_checkpoint
 from leukolab.cli.main import main
 from leukolab.config import load_preset, preset_names, resolve
 from leukolab.data.mixing import BatchMixer, MixConfig
+from leukolab.data.preprocess import check_image_options
 from leukolab.data.readers import read_image_folder
 from leukolab.errors import LeukolabError
 from leukolab.objectives.classification import ClassificationObjective
@@ -164,10 +165,13 @@ def test_every_packaged_preset_is_a_valid_train_config() -> None:
         cfg = resolve("train", None, {"preset": name})
         assert cfg["preset"] == name
         MixConfig.from_config(cfg["mix"])
+        check_image_options(cfg["data"])  # crop / stain / mask options are valid values
         assert isinstance(classify.build_model(cfg, 5), nn.Module)
     best = resolve("train", None, {"preset": "pbc-best"})
     assert (best["model"]["backbone"], best["data"]["img_size"], best["train"]["epochs"]) == ("resnet18", 64, 15)
     assert (best["optim"]["lr"], best["mix"]["mixup"], best["mix"]["cutmix"]) == (1e-3, 0.0, 0.0)
+    other = resolve("train", None, {"preset": "other-lab"})["data"]
+    assert (other["crop"], other["stain_norm"], other["mask_aug"]) == ("cell", "reinhard", 0.3)
 
 
 def test_preset_config_and_options_merge_in_that_order(tmp_path: Path) -> None:
@@ -213,7 +217,8 @@ def test_a_preset_run_with_mixup_trains_records_both_and_resumes(
 
 def test_bad_presets_exit_2(wbc_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
-    expect_error(["train", str(wbc_small), "--preset", "pbc-bestest", "--out", str(out)], "one of: pbc-best", capsys)
+    expect_error(["train", str(wbc_small), "--preset", "pbc-bestest", "--out", str(out)],
+                 "one of: other-lab, pbc-best", capsys)
     expect_error(["train", str(wbc_small), "--preset", str(tmp_path / "no.yaml"), "--out", str(out)],
                  "does not exist", capsys)
     bad = tmp_path / "bad.yaml"

@@ -39,6 +39,16 @@ def train(
     head: Optional[str] = typer.Option(None, "--head", help="linear or mlp."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone",
                                                    help="Linear probe on frozen features."),
+    fuse: Optional[list[Path]] = typer.Option(
+        None, "--fuse", help="Fusion: a frozen encoder (run folder, pretraining run or converted checkpoint); repeat "
+        "for several. Their pooled features, each from the image at its own size and normalisation, are "
+        "concatenated under a trainable head."),
+    fuse_head: Optional[str] = typer.Option(None, "--fuse-head", help="Head of --fuse: linear or mlp (= --head)."),
+    fuse_norm: Optional[str] = typer.Option(
+        None, "--fuse-norm", help="Per-encoder feature normalisation of --fuse: none, l2 or layernorm (default)."),
+    augment: Optional[bool] = typer.Option(
+        None, "--augment/--no-augment", help="Random crops, flips, rotations, colour jitter of training images "
+        "(default on; off with --fuse, whose features are then computed once)."),
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="Freeze the ViT backbone and train an adapter + the head: lora, prompt, bottleneck "
         "or adaptformer (options: 'adapter:' section of --config)."),
@@ -50,9 +60,33 @@ def train(
     prompt_deep: Optional[bool] = typer.Option(None, "--prompt-deep/--prompt-shallow",
                                                help="Prompts at every block (deep) or at the input (shallow)."),
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights"),
+    balance: Optional[str] = typer.Option(
+        None, "--balance", help="Class balancing: none, weights (= --class-weights), oversample (class-balanced "
+        "sampler) or augment (augmented copies of rare classes up to the majority count, in RUN/balanced/)."),
     mixup: Optional[float] = typer.Option(None, "--mixup", help="MixUp alpha of training batches, e.g. 0.2 (0 = off)."),
     cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha of training batches, e.g. 1 (0 off)."),
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="Probability that a batch is mixed (default 1)."),
+    masks: Optional[Path] = typer.Option(
+        None, "--masks", help="Folder of cell masks named like the images (default: a masks/ folder beside the "
+        "class folders when present; else masks are estimated)."),
+    crop: Optional[str] = typer.Option(
+        None, "--crop", help="none or cell: crop each image to its cell's mask box + --crop-margin (train, evaluate "
+        "and predict alike)."),
+    crop_margin: Optional[float] = typer.Option(
+        None, "--crop-margin", help="Fraction of the cell box side added on each side of a cell crop (default 0.15)."),
+    stain_aug: Optional[float] = typer.Option(
+        None, "--stain-aug", help="Probability of a stain jitter in optical density (HED) per training image."),
+    degrade: Optional[float] = typer.Option(
+        None, "--degrade", help="Probability of a blur / down-up scaling per training image."),
+    stain_norm: Optional[str] = typer.Option(
+        None, "--stain-norm", help="none, reinhard or macenko: colours mapped to a reference at train and test time."),
+    stain_ref: Optional[Path] = typer.Option(
+        None, "--stain-ref", help="Reference image or folder for --stain-norm (default: the training images)."),
+    mask_aug: Optional[float] = typer.Option(
+        None, "--mask-aug", help="Probability of pasting a training image's cell (by its mask) onto a new background."),
+    mask_bg: Optional[str] = typer.Option(
+        None, "--mask-bg", help="Background of --mask-aug: other (another image's), plain, synthetic (red cells), "
+        "removed (flat fill) or mixed."),
     background: Optional[Path] = typer.Option(
         None, "--background", help="Folder of background crops (recursive), added as class 'background'."),
     folds_file: Optional[Path] = typer.Option(
@@ -72,7 +106,7 @@ def train(
     overrides = {
         "data.path": str(data) if data is not None else None, "data.img_size": img_size,
         "data.label_fraction": label_fraction, "data.batch_size": batch_size, "data.check_images": check_images,
-        "data.min_samples_per_epoch": min_samples_per_epoch,
+        "data.min_samples_per_epoch": min_samples_per_epoch, "data.balance": balance,
         "model.backbone": backbone, "model.init": str(init) if init is not None else None, "model.head": head,
         "model.freeze_backbone": freeze_backbone, "optim.lr": lr, "optim.weight_decay": weight_decay,
         "optim.layer_decay": layer_decay,
@@ -82,9 +116,30 @@ def train(
         "adapter.prompt.tokens": prompt_tokens, "adapter.prompt.deep": prompt_deep,
         "mix.mixup": mixup, "mix.cutmix": cutmix, "mix.prob": mix_prob, "data.fold": fold,
         "data.background": str(background) if background is not None else None,
+        "data.masks": str(masks) if masks is not None else None, "data.crop": crop, "data.crop_margin": crop_margin,
+        "data.stain_aug": stain_aug, "data.degrade": degrade, "data.stain_norm": stain_norm,
+        "data.stain_ref": str(stain_ref) if stain_ref is not None else None, "data.mask_aug": mask_aug,
+        "data.mask_bg": mask_bg,
         "data.folds_file": str(folds_file) if folds_file is not None else None,
         "preset": preset_label(preset) if preset is not None else None,
+        "data.augment": augment if augment is not None or not fuse else False,
+        "model.fuse": [str(p) for p in fuse] if fuse else None, "model.fuse_norm": fuse_norm,
     }
+    if fuse_head is not None:
+        if head is not None and head != fuse_head:
+            raise LeukolabError(f"--head {head} and --fuse-head {fuse_head} disagree; expected one of them")
+        overrides["model.head"] = fuse_head
+    for option, value in (("--fuse-head", fuse_head), ("--fuse-norm", fuse_norm)):
+        if value is not None and not fuse and resume is None:
+            raise LeukolabError(f"{option} applies to a fusion run; expected --fuse RUN (one or more)")
+    if fuse:
+        for option, value in (("--backbone", backbone), ("--init", init), ("--adapter", adapter),
+                              ("--img-size", img_size)):
+            if value is not None:
+                raise LeukolabError(f"{option} and --fuse: a fusion run's backbone is its frozen --fuse encoders, "
+                                    "each fed at its own input size; expected one of them")
+        if freeze_backbone is False:
+            raise LeukolabError("--train-backbone and --fuse: fusion encoders stay frozen; expected one of them")
     for option, value, needs in (("--lora-rank", lora_rank, "lora"), ("--lora-alpha", lora_alpha, "lora"),
                                  ("--lora-targets", lora_targets, "lora"), ("--prompt-tokens", prompt_tokens, "prompt"),
                                  ("--prompt-deep", prompt_deep, "prompt")):
@@ -92,8 +147,10 @@ def train(
             raise LeukolabError(f"{option} applies to --adapter {needs}, not --adapter {adapter}")
     if resume is not None:
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
-        for key, path in (("data.background", background), ("data.folds_file", folds_file)):
+        for key, path in (("data.background", background), ("data.folds_file", folds_file), ("data.masks", masks),
+                          ("data.stain_ref", stain_ref)):
             overrides[key] = None if path is None else str(path.resolve())
+        overrides["model.fuse"] = [str(p.resolve()) for p in fuse] if fuse else None
     elif data is None and config is None and folds_file is None:
         raise LeukolabError("no DATA given; expected a folder of class folders or a path,label CSV")
     run_dir = train_classifier(out, config, overrides, resume=resume, name=name, allow_pickle=allow_pickle)

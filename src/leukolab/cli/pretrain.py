@@ -1,4 +1,4 @@
-"""``leukolab pretrain``: self-supervised MAE or DINO pretraining on unlabelled image folders."""
+"""``leukolab pretrain``: self-supervised MAE, DINO or auto-encoder pretraining on unlabelled image folders."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from leukolab.errors import LeukolabError
 @app.command()
 def pretrain(
     data: Optional[list[Path]] = typer.Argument(None, help="One or more folders of images (read recursively)."),
-    method: Optional[str] = typer.Option(None, "--method", help="mae or dino."),
+    method: Optional[str] = typer.Option(None, "--method", help="mae, dino or ae (convolutional auto-encoder)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent folder; each run gets a new subfolder."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML merged over the defaults."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm ViT name, e.g. vit_tiny_patch16."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input (MAE) / global crop (DINO) size."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="timm name: a ViT for mae/dino (default vit_tiny_patch16), a CNN for ae (resnet18)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input (MAE, AE) / global crop (DINO) size."),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="MAE: share of patches masked, (0, 1)."),
     registers: Optional[int] = typer.Option(None, "--registers", help="ViT register tokens (timm reg_tokens)."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
@@ -37,7 +38,7 @@ def pretrain(
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name prefix."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted pretrain run folder."),
 ) -> None:
-    """Self-supervised pretraining (MAE or DINO); writes config.yaml, history.csv, curves.png, best.pt, last.pt."""
+    """Self-supervised pretraining (MAE, DINO or AE); writes config.yaml, history.csv, curves.png, best.pt, last.pt."""
     from leukolab.pipelines.pretrain import pretrain as run_pretrain
 
     paths = [str(Path(p).resolve()) for p in data] if data else None

@@ -1,4 +1,4 @@
-"""``leukolab smear analyse | mine-background``: from smear fields to a differential count."""
+"""``leukolab smear analyse | mine-background | crops``: from smear fields to a differential count."""
 
 from __future__ import annotations
 
@@ -68,3 +68,21 @@ def mine_background(
 
     folder = mine(data, detector, out, per_field, seed, score, margin, pad, cell_class, progress)
     typer.echo(f"wrote {folder} (crops.csv lists where each crop came from)")
+
+
+@smear_app.command("crops")
+def crops(
+    data: Path = typer.Argument(..., help="Folder of the annotated field images (searched recursively by file name)."),
+    truth: Path = typer.Option(..., "--truth", help="CSV of annotated white cells: BCCD wbc_types.csv or synth "
+                               "smears boxes.csv."),
+    out: Path = typer.Option(..., "--out", help="New folder to write: OUT/<type>/<image>_<idx>.png + crops.csv."),
+    margin: float = typer.Option(0.25, "--margin", help="Fraction of the box side added on each side of a crop."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """The typed white cells of annotated fields as an ImageFolder test set (untyped boxes are skipped)."""
+    from leukolab.pipelines.smear_crops import write_smear_crops
+
+    res = write_smear_crops(data, truth, out, margin, progress)
+    counts = ", ".join(f"{k} {v}" for k, v in res.counts.items())
+    typer.echo(f"wrote {res.folder}: {sum(res.counts.values())} crops ({counts}); skipped {res.untyped} untyped "
+               f"boxes" + (f" and {res.missing_images} images not under {data}" if res.missing_images else ""))

@@ -1,4 +1,4 @@
-"""``leukolab synth wbc | pool``: write procedural synthetic data."""
+"""``leukolab synth wbc | pool | tissue``: write procedural synthetic data."""
 
 from __future__ import annotations
 
@@ -43,4 +43,21 @@ def synth_pool(
 
     options = synth.SynthOptions(size=size, seed=seed, difficulty=difficulty, progress=progress)
     path = synth.synth_pool(out, n, tissue_fraction, options)
+    typer.echo(f"wrote {path}")
+
+
+@synth_app.command("tissue")
+def synth_tissue(
+    out: Path = typer.Argument(..., help="New folder to write (must not exist or be empty)."),
+    n: int = typer.Option(400, "--n", help="Number of images in all, half normal and half tumour."),
+    size: int = typer.Option(64, "--size", help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed"),
+    difficulty: float = typer.Option(0.5, "--difficulty", help="Class overlap: 0 = easy ... 1 = hard."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """A labelled tissue-like set: normal/ and tumour/ patches (a Camelyon16 stand-in) and metadata.csv."""
+    from leukolab.pipelines import synth
+
+    options = synth.SynthOptions(size=size, seed=seed, difficulty=difficulty, progress=progress)
+    path = synth.synth_tissue(out, n, options)
     typer.echo(f"wrote {path}")

@@ -36,14 +36,23 @@ class LabelledImages:
         return len(self.paths)
 
     def targets(self, class_names: list[str] | None = None) -> list[int]:
-        """Integer class index of every image (in ``class_names`` order)."""
-        names = class_names or self.class_names
+        """Integer class index of every image (in ``class_names`` order).
+
+        A label that is not in ``class_names`` matches the name that differs from it only in case
+        (``EOSINOPHIL`` -> ``eosinophil``), when exactly one does; any other label is a one-line error.
+        """
+        names = list(class_names or self.class_names)
         index = {c: i for i, c in enumerate(names)}
-        unknown = sorted(set(self.labels) - set(index))
-        if unknown:
-            raise LeukolabError(
-                f"class {unknown[0]!r} is not one the model knows; expected one of: {', '.join(names)}"
-            )
+        folded: dict[str, list[int]] = {}
+        for i, c in enumerate(names):
+            folded.setdefault(c.casefold(), []).append(i)
+        for label in sorted(set(self.labels) - set(index)):
+            matches = folded.get(label.casefold(), [])
+            if len(matches) != 1:
+                raise LeukolabError(
+                    f"class {label!r} is not one the model knows; expected one of: {', '.join(names)}"
+                )
+            index[label] = matches[0]
         return [index[label] for label in self.labels]
 
     def subset(self, indices: list[int]) -> LabelledImages:

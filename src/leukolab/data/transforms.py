@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from leukolab.checkpoints import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from leukolab.checkpoints import LEUKOLAB_MEAN as MEAN
 from leukolab.checkpoints import LEUKOLAB_STD as STD
+from leukolab.data.stain import HEDJitter, RandomDegrade
 from leukolab.errors import LeukolabError
 
 #: input normalisations by name: ``leukolab`` (every leukolab-trained model) and
@@ -55,22 +57,33 @@ def eval_transform(img_size: int, norm: Normalisation = "leukolab") -> v2.Compos
     )
 
 
-def train_transform(img_size: int, augment: bool = True) -> v2.Compose:
-    """Random crop, flips, 90-degree rotations and mild colour jitter, then normalise."""
+def train_transform(
+    img_size: int, augment: bool = True, *, stain_aug: float = 0.0, degrade: float = 0.0, jitter: float = 0.1,
+    stain_norm: Callable[[Image.Image], Image.Image] | None = None,
+) -> v2.Compose:
+    """The training transform of a PIL image: ``stain_norm`` (a fitted stain normaliser), then with
+    probability ``stain_aug`` a stain jitter in optical density (:class:`~leukolab.data.stain.HEDJitter`)
+    and with probability ``degrade`` a blur / down-up scaling (:class:`~leukolab.data.stain.RandomDegrade`),
+    then (``augment``) random crop, flips, 90-degree rotations and colour jitter of strength ``jitter``
+    (brightness, contrast and saturation +-``jitter``, hue +-``jitter / 5``), then normalise."""
+    pil: list[Callable[[Image.Image], Image.Image]] = []
+    if stain_norm is not None:
+        pil.append(stain_norm)
+    if stain_aug > 0:
+        pil.append(HEDJitter(p=stain_aug))
+    if degrade > 0:
+        pil.append(RandomDegrade(p=degrade))
     if not augment:
-        return eval_transform(img_size)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop((img_size, img_size), scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
-            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ]
-    )
+        return v2.Compose([*pil, *eval_transform(img_size).transforms])
+    geometric = [
+        v2.ToImage(),
+        v2.RandomResizedCrop((img_size, img_size), scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
+    ]
+    colour = [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 5)] if jitter else []
+    return v2.Compose([*pil, *geometric, *colour, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 def mae_transform(img_size: int) -> v2.Compose:

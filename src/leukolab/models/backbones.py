@@ -74,3 +74,7 @@ def create_backbone(name: str, img_size: int, drop_path: float = 0.0, **kwargs: 
         if img_size % patch:
             raise LeukolabError(f"image size {img_size} is not a multiple of {resolved}'s patch size {patch}")
     return model
+
+
+# the non-timm backbones register themselves in BACKBONES on import (they import this module: keep this last)
+from leukolab.models import fusion as _fusion  # noqa: E402, F401

@@ -9,8 +9,9 @@ from :data:`~leukolab.registry.HEADS`), the objective (built by name from
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ import leukolab.objectives  # noqa: F401 - registers the built-in objectives
 from leukolab.checkpoints import load_run_state
 from leukolab.data.background import BACKGROUND, assign_folds, join, read_background, without
 from leukolab.data.checks import require_readable
-from leukolab.data.dataset import ImageDataset
 from leukolab.data.folds_file import read_folds_file, require_inside
+from leukolab.data.image_options import ImageOptions, masks_folder
 from leukolab.data.mixing import MixConfig
+from leukolab.data.preprocess import STAIN_NORM_FILE, check_image_options, load_stain_norm, save_stain_norm
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
-from leukolab.data.transforms import eval_transform, train_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.metrics import classification_metrics, write_metrics
 from leukolab.evaluation.plots import plot_confusion_matrix, plot_curves
@@ -37,7 +38,8 @@ from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.classifier import Classifier, build_classifier
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
-from leukolab.pipelines.lifecycle import open_run
+from leukolab.pipelines.balancing import balance_mode, balanced_train_set, record_class_counts
+from leukolab.pipelines.lifecycle import Run, open_run
 from leukolab.registry import OBJECTIVES
 from leukolab.training import distributed
 from leukolab.training.loaders import build_loader
@@ -146,6 +148,7 @@ def splits_table(splits: Splits) -> pd.DataFrame:
 def make_loader(
     data: LabelledImages, class_names: list[str], img_size: int, batch_size: int, *, train: bool,
     augment: bool = True, num_workers: int = 0, cache: bool = False, seed: int = 0, min_samples: int = 0,
+    balance: bool = False, images: ImageOptions | None = None,
 ) -> DataLoader:
     """A DataLoader over ``data`` (shuffled, augmented and seeded for training).
 
@@ -153,10 +156,17 @@ def make_loader(
     (whole reshuffled passes over the data, then a partial one), so that a run on a
     small label fraction still takes a useful number of optimiser steps per epoch.
     Under torchrun each rank reads its own shard instead (``min_samples`` unused).
+    ``balance`` (training): every class drawn with equal expectation (``--balance oversample``).
+    ``images``: the run's image options (cell crop, masks, stain and background augmentation; default off).
     """
-    tf = train_transform(img_size, augment) if train else eval_transform(img_size)
-    ds = ImageDataset(data.paths, data.targets(class_names), tf, cache=cache, max_side=2 * img_size)
-    return build_loader(ds, batch_size, train=train, num_workers=num_workers, seed=seed, min_samples=min_samples)
+    opts = images or ImageOptions({"img_size": img_size})
+    if opts.cfg_data.get("img_size") != img_size:
+        opts = replace(opts, cfg_data={**opts.cfg_data, "img_size": img_size})
+    targets = data.targets(class_names)
+    ds = opts.train_dataset(data.paths, targets, augment, cache) if train else opts.eval_dataset(data.paths, targets,
+                                                                                                 cache)
+    return build_loader(ds, batch_size, train=train, num_workers=num_workers, seed=seed, min_samples=min_samples,
+                        balance_targets=ds.targets if balance else None)
 
 
 def class_weights(labels: list[str], class_names: list[str]) -> torch.Tensor:
@@ -176,6 +186,10 @@ def build_model(cfg: dict[str, Any], num_classes: int, allow_pickle: bool = Fals
         load_backbone_weights(model.backbone, init, allow_pickle=allow_pickle)
     if adapter.get("name"):  # after --init: the adapter is trained on (and references) those frozen weights
         model.attach_adapter(adapter["name"], dict(adapter.get(adapter["name"]) or {}), init=init)
+    if cfg["model"].get("fuse"):  # the frozen encoders of --fuse, from their runs / checkpoints
+        from leukolab.pipelines.fusion import load_fusion_weights
+
+        load_fusion_weights(model, allow_pickle)
     return model
 
 
@@ -214,6 +228,8 @@ def _prepare(cfg: dict[str, Any], allow_pickle: bool = False) -> None:
     the init checkpoint's architecture adopted."""
     d = cfg["data"]
     MixConfig.from_config(cfg.get("mix"))
+    d["balance"] = balance_mode(cfg)  # optim.class_weights: true is an alias of balance: weights
+    cfg["optim"]["class_weights"] = d["balance"] == "weights"
     if d.get("fold") is not None and not d.get("folds_file"):
         if not str(d["path"] or "").lower().endswith(".csv"):
             raise LeukolabError(f"--fold {d['fold']} needs --folds-file F (a path,label,fold CSV) or DATA being one")
@@ -229,9 +245,37 @@ def _prepare(cfg: dict[str, Any], allow_pickle: bool = False) -> None:
     if d.get("background"):
         d["background"] = str(Path(d["background"]).resolve())
         read_background(d["background"])  # a missing or empty folder fails before anything is written
+    check_image_options(d)
+    if not d.get("masks") and (d["crop"] == "cell" or d["mask_aug"] > 0):  # recorded: the masks/ beside the classes
+        found = masks_folder(d)
+        d["masks"] = str(found.resolve()) if found is not None else None
+    if cfg["model"].get("fuse"):  # frozen encoders: recorded, the shared input size set, the backbone frozen
+        from leukolab.pipelines.fusion import prepare_fusion
+
+        prepare_fusion(cfg, allow_pickle)
     if cfg["model"].get("init"):
         cfg["model"]["init"] = str(Path(cfg["model"]["init"]).resolve())
         adopt_init_architecture(cfg, allow_pickle)
+
+
+def image_options(run: Run, train_paths: list[Path], fit_paths: list[Path],
+                  tables: dict[str, pd.DataFrame] | None = None) -> ImageOptions:
+    """The image options of a run for its loaders: the mask files of ``train_paths`` and, with ``stain_norm``,
+    the normaliser fitted on ``stain_ref`` or on ``fit_paths`` (prepared as for training) and written to
+    ``RUN/stain_norm.yaml`` (creating the run folder with ``tables``); a resumed run reads the one it wrote."""
+    d = run.cfg["data"]
+    images = ImageOptions.for_run(d, train_paths, run.seed)
+    name = str(d.get("stain_norm") or "none")
+    if name == "none":
+        return images
+    if run.resumed and run.dir is not None and (run.dir / STAIN_NORM_FILE).is_file():
+        return images.with_normaliser(load_stain_norm(run.dir, name))
+    images = images.fitted(fit_paths)
+    run_dir = run.create(tables)
+    if distributed.is_main() and images.normaliser is not None:
+        reference = d.get("stain_ref") or f"{min(len(fit_paths), 64)} training images"
+        save_stain_norm(run_dir, images.normaliser, str(reference))
+    return images
 
 
 def train_classifier(
@@ -262,15 +306,26 @@ def train_classifier(
     if d["check_images"] and not run.resumed:
         require_readable([*splits.full_train.paths, *splits.val.paths, *splits.test.paths], cfg["train"]["progress"])
     loader_kw = dict(num_workers=d["num_workers"], cache=d["cache_images"], seed=run.seed)
+    mode, tables = balance_mode(cfg), {"splits.csv": splits_table(splits)}
+    train_set = balanced_train_set(run, splits.train, splits.class_names, mode, tables, cfg["train"]["progress"])
+    images = image_options(run, train_set.paths, splits.train.paths, tables)
     train_loader = make_loader(
-        splits.train, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"],
-        min_samples=int(d.get("min_samples_per_epoch") or 0), **loader_kw,
+        train_set, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"],
+        min_samples=int(d.get("min_samples_per_epoch") or 0), balance=mode == "oversample", images=images,
+        **loader_kw,
     )
     val_loader = (
-        make_loader(splits.val, splits.class_names, d["img_size"], d["batch_size"] * 2, train=False, **loader_kw)
+        make_loader(splits.val, splits.class_names, d["img_size"], d["batch_size"] * 2, train=False, images=images,
+                    **loader_kw)
         if len(splits.val) else None
     )
-    run.fit(objective, train_loader, val_loader, tables={"splits.csv": splits_table(splits)})
+    record_class_counts(run, mode, splits.train, train_set, splits.class_names,
+                        len(train_loader.sampler) * distributed.world_size(), objective.class_weights, tables)
+    if cfg["model"].get("fuse"):  # nothing below the head trains: its features are computed once when possible
+        from leukolab.pipelines.fusion import fusion_loaders
+
+        train_loader, val_loader = fusion_loaders(cfg, objective.model, train_loader, val_loader)
+    run.fit(objective, train_loader, val_loader, tables=tables)
     return run.dir
 
 
@@ -357,6 +412,9 @@ def evaluate_run(
         metrics["tta"] = bool(getattr(predictor, "tta", False))
         metrics["model"] = str(run)
         metrics["data"] = str(data) if data is not None else "test split of the run"
+        fallbacks = _report_fallbacks(predictor)
+        if fallbacks:
+            metrics["whole_image_fallbacks"] = fallbacks
         out_dir = unique_child(run, "eval") if out is None else unique_child(Path(out).parent, Path(out).name)
         write_metrics(metrics, out_dir / "metrics.json")
         table = pd.DataFrame({"path": [str(p) for p in test.paths], "actual": [names[i] for i in y],
@@ -370,6 +428,14 @@ def evaluate_run(
         return out_dir
 
     return distributed.shared_run_dir(write)
+
+
+def _report_fallbacks(predictor: Any) -> int:
+    """How many images the run's cell crop found no cell in (used whole), said on stderr when any."""
+    n = int(getattr(predictor, "fallbacks", 0) or 0)
+    if n:
+        print(f"warning: no cell found in {n} image(s); they were classified whole (--crop cell)", file=sys.stderr)
+    return n
 
 
 def predict_images(
@@ -392,6 +458,7 @@ def predict_images(
     probs = predict_paths(predictor, paths, batch_size, show_progress=show_progress, num_workers=num_workers)
     if probs is None:
         return None
+    _report_fallbacks(predictor)
     table = pd.DataFrame({"path": [str(p) for p in paths], "predicted": [names[i] for i in probs.argmax(1)]})
     for i, c in enumerate(names):
         table[f"prob_{c}"] = probs[:, i]

@@ -16,7 +16,7 @@ gets the merged rows (:func:`~leukolab.training.distributed.gather_shards`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from leukolab.data.dataset import load_rgb, shrink
+from leukolab.data.preprocess import fallback_count, run_preprocess
 from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.models.tta import tta_probabilities
@@ -52,10 +53,12 @@ class Predictor(Protocol):
 
 @dataclass
 class RunPredictor:
-    """A ``leukolab train`` run applied as in its own evaluation (same resize and normalisation).
+    """A ``leukolab train`` run applied as in its own evaluation (same preprocessing, resize and normalisation).
 
     ``tta``: average the probabilities over the 8 dihedral views (:mod:`leukolab.models.tta`).
     ``backbone``: the run's timm backbone name (for tables).
+    ``preprocess``: the run's cell crop / stain normalisation before the resize
+    (:func:`~leukolab.data.preprocess.run_preprocess`; None: none).
     """
 
     model: torch.nn.Module
@@ -64,6 +67,12 @@ class RunPredictor:
     tta: bool = False
     source: str = ""
     backbone: str = ""
+    preprocess: Callable[[Image.Image], Image.Image] | None = None
+
+    @property
+    def fallbacks(self) -> int:
+        """Images in which the run's cell crop found no cell (they were used whole)."""
+        return fallback_count(self.preprocess)
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +81,9 @@ class RunPredictor:
     def tensors(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The preprocessed batch ``(N, 3, img_size, img_size)`` of ``images``."""
         tf = eval_transform(self.img_size)
-        return torch.stack([tf(shrink(im.convert("RGB"), 2 * self.img_size)) for im in images])
+        pre = self.preprocess
+        return torch.stack([tf(shrink(pre(im) if pre is not None else im.convert("RGB"), 2 * self.img_size))
+                            for im in images])
 
     @torch.no_grad()
     def predict_images(self, images: Sequence[Image.Image], batch_size: int = 128) -> np.ndarray:
@@ -93,6 +104,11 @@ class EnsemblePredictor:
     class_names: list[str]
     source: str = ""
     tta: bool = False
+
+    @property
+    def fallbacks(self) -> int:
+        """Images in which a member's cell crop found no cell (the largest count over the members)."""
+        return max((int(getattr(m, "fallbacks", 0)) for m in self.members), default=0)
 
     def predict_images(self, images: Sequence[Image.Image], batch_size: int = 128) -> np.ndarray:
         total = np.zeros((len(images), len(self.class_names)), dtype=np.float64)
@@ -149,8 +165,9 @@ def load_predictor(path: Path | str, tta: bool | None = False,
                                 "summing to 1")
         return EnsemblePredictor(members, weights, names, str(path), use_tta)
     objective, cfg = load_run(path, dev or pick_device("auto"))
+    preprocess = run_preprocess(cfg["data"], path.parent if path.is_file() else path)
     return RunPredictor(objective.model, list(objective.class_names), int(cfg["data"]["img_size"]), bool(tta),
-                        str(path), str(cfg["model"]["backbone"]))
+                        str(path), str(cfg["model"]["backbone"]), preprocess)
 
 
 def ensemble_members(folder: Path | str, spec: dict[str, Any] | None = None) -> list[Path]:

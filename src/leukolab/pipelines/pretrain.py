@@ -1,17 +1,19 @@
-"""Self-supervised pretraining (the ``pretrain`` command): MAE or DINO on unlabelled folders.
+"""Self-supervised pretraining (the ``pretrain`` command): MAE, DINO or a convolutional auto-encoder.
 
 Config (``configs/pretrain.yaml``) -> images (folders read recursively, a
 deterministic share per folder left out, a seeded validation split) -> the
 objective named by ``method``, built from :data:`leukolab.registry.PRETRAIN_METHODS`
-with its config section (``mae:`` / ``dino:``) -> the shared run lifecycle
+with its config section (``mae:`` / ``dino:`` / ``ae:``) and the ``model:``
+backbone (``null``: the method's ``default_backbone``, a ViT for MAE / DINO,
+resnet18 for the auto-encoder) -> the shared run lifecycle
 (:mod:`leukolab.pipelines.lifecycle`) -> run folder with ``config.yaml``,
 ``splits.csv``, ``history.csv``, ``curves.png``, ``best.pt``, ``last.pt``
-(and ``reconstructions.png`` for MAE).
+(and ``reconstructions.png`` for MAE and the auto-encoder).
 
 Checkpoints hold the backbone in timm naming (``backbone``) with its
 ``backbone_spec`` (timm name, ``backbone_kwargs`` with ``reg_tokens`` when
 registers were used, image and patch size, normalisation) and ``task``
-(``pretrain-mae`` / ``pretrain-dino``); :func:`leukolab.models.weights.load_backbone_weights`
+(``pretrain-mae`` / ``pretrain-dino`` / ``pretrain-ae``); :func:`leukolab.models.weights.load_backbone_weights`
 loads them into a classifier of the matching architecture.
 """
 
@@ -32,6 +34,7 @@ from leukolab.data.readers import IMAGE_EXTENSIONS, list_images
 from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.reconstructions import ReconstructionFigure
+from leukolab.models.autoencoder import ConvAutoencoder
 from leukolab.models.backbones import create_backbone, resolve_backbone_name
 from leukolab.objectives.base import PretrainObjective
 from leukolab.objectives.mae import MAEObjective
@@ -40,6 +43,9 @@ from leukolab.registry import PRETRAIN_METHODS
 from leukolab.training import distributed
 from leukolab.training.loaders import build_loader
 from leukolab.training.loop import TrainerConfig
+
+#: the backbone of a method whose objective names no ``default_backbone``
+DEFAULT_BACKBONE = "vit_tiny_patch16_224"
 
 
 # --------------------------------------------------------------------------- data
@@ -122,11 +128,17 @@ def backbone_kwargs_with_registers(name: str, img_size: int, registers: int, kwa
     return kwargs
 
 
+def method_backbone(cfg: dict[str, Any]) -> str:
+    """``model.backbone``, or when it is null the default of ``cfg["method"]`` (resnet18 for ``ae``, else a ViT)."""
+    factory = PRETRAIN_METHODS.get(cfg["method"])  # an unknown method: one line listing the choices
+    return cfg["model"].get("backbone") or getattr(factory, "default_backbone", DEFAULT_BACKBONE)
+
+
 def build_objective(cfg: dict[str, Any]) -> PretrainObjective:
     """The objective named by ``cfg["method"]``, built with the ``model:`` backbone and its own config section."""
     factory = PRETRAIN_METHODS.get(cfg["method"])  # an unknown method: one line listing the choices
     m, img_size = cfg["model"], int(cfg["data"]["img_size"])
-    name = resolve_backbone_name(m["backbone"])
+    name = resolve_backbone_name(method_backbone(cfg))
     kwargs = backbone_kwargs_with_registers(name, img_size, m["registers"], m.get("backbone_kwargs") or {})
     return factory(backbone=name, img_size=img_size, backbone_kwargs=kwargs, drop_path=m["drop_path"],
                    **cfg.get(cfg["method"], {}))
@@ -148,7 +160,8 @@ def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
 
 
 def _prepare(cfg: dict[str, Any]) -> None:
-    """A new run's data folders, made absolute."""
+    """A new run's data folders made absolute and its backbone named (the method's default when null)."""
+    cfg["model"]["backbone"] = method_backbone(cfg)
     paths = cfg["data"]["paths"]
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     if not paths:
@@ -163,7 +176,7 @@ def pretrain(
     resume: Path | str | None = None,
     name: str | None = None,
 ) -> Path:
-    """Pretrain a backbone with MAE or DINO; returns the run folder.
+    """Pretrain a backbone with MAE, DINO or a convolutional auto-encoder; returns the run folder.
 
     ``resume`` continues the interrupted run in that folder with its saved
     config; overrides that disagree with it are refused.
@@ -184,11 +197,12 @@ def pretrain(
         return build_loader(ds, bs, train=train, num_workers=int(d["num_workers"]), seed=run.seed)
 
     callbacks = []
-    if isinstance(objective, MAEObjective):
+    model = getattr(objective, "model", None)
+    if isinstance(objective, MAEObjective) or isinstance(model, ConvAutoencoder):
         pool = val_paths or train_paths
         preview = ImageDataset(pool[:: max(1, len(pool) // 8)][:8], None, eval_transform(img_size))  # spread out
         images = torch.stack([preview[i][0] for i in range(len(preview))])
-        callbacks.append(ReconstructionFigure(objective.model, images))
+        callbacks.append(ReconstructionFigure(model, images))
     run.fit(objective, loader(train_paths, train_tf, True), loader(val_paths, val_tf, False) if val_paths else None,
             trainer_config(cfg), tables={"splits.csv": splits_table(train_paths, val_paths, ignored)},
             meta={"lr": effective_lr(cfg)}, callbacks=callbacks)

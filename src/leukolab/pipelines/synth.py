@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from leukolab.data.synthetic import make_pool, make_wbc_dataset
+from leukolab.data.synthetic import make_pool, make_tissue_dataset, make_wbc_dataset
 
-__all__ = ["SynthOptions", "synth_pool", "synth_wbc"]
+__all__ = ["SynthOptions", "synth_pool", "synth_tissue", "synth_wbc"]
 
 
 @dataclass
@@ -39,3 +39,9 @@ def synth_pool(out: Path | str, n: int, tissue_fraction: float = 0.3, options: S
     o = options or SynthOptions()
     return make_pool(Path(out), n, size=o.size, seed=o.seed, tissue_fraction=tissue_fraction,
                      difficulty=o.difficulty, progress=o.progress)
+
+
+def synth_tissue(out: Path | str, n: int, options: SynthOptions | None = None) -> Path:
+    """A labelled tissue set: ``normal/`` and ``tumour/`` patches (balanced, ``n`` in all) and ``metadata.csv``."""
+    o = options or SynthOptions()
+    return make_tissue_dataset(Path(out), n, size=o.size, seed=o.seed, difficulty=o.difficulty, progress=o.progress)

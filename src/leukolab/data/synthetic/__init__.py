@@ -8,9 +8,9 @@ the demo and the tests. Modules:
   shared by every renderer; images are composed in optical density (Beer-Lambert);
 * :mod:`~leukolab.data.synthetic.cells` - the five WBC classes with their
   morphology (:func:`render_cell`), and red cells;
-* :mod:`~leukolab.data.synthetic.tissue` - off-domain H&E-like tissue patches;
+* :mod:`~leukolab.data.synthetic.tissue` - off-domain H&E-like tissue patches (unlabelled, or normal / tumour);
 * :mod:`~leukolab.data.synthetic.writers` - the crop data sets
-  (:func:`make_wbc_dataset`, :func:`make_pool`);
+  (:func:`make_wbc_dataset`, :func:`make_tissue_dataset`, :func:`make_pool`);
 * :mod:`~leukolab.data.synthetic.smears` - whole smear fields with boxes
   (:func:`render_smear`, :func:`make_smears`).
 
@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from leukolab.data.synthetic.cells import WBC_CLASSES, render_cell
 from leukolab.data.synthetic.patients import make_patients as make_patients
-from leukolab.data.synthetic.tissue import render_tissue_patch
-from leukolab.data.synthetic.writers import make_pool, make_wbc_dataset
+from leukolab.data.synthetic.tissue import TISSUE_CLASSES, render_tissue_patch
+from leukolab.data.synthetic.writers import make_pool, make_tissue_dataset, make_wbc_dataset
 
 __all__ = [
+    "TISSUE_CLASSES",
     "WBC_CLASSES",
     "make_pool",
+    "make_tissue_dataset",
     "make_wbc_dataset",
     "render_cell",
     "render_tissue_patch",

@@ -1,4 +1,5 @@
-"""Writers of the synthetic crop data sets: labelled WBC crops (ImageFolder) and unlabelled pretraining pools.
+"""Writers of the synthetic crop data sets: labelled WBC crops and tissue patches (ImageFolder) and unlabelled
+pretraining pools.
 
 Every image's generator is derived from ``(seed, stream, index)``, so the same
 seed gives byte-identical files and asking for more images never changes the
@@ -18,11 +19,12 @@ from PIL import Image
 
 from leukolab.data.synthetic.cells import WBC_CLASSES, check_label, render_cell
 from leukolab.data.synthetic.checks import check_count, check_fraction, check_seed, check_size
-from leukolab.data.synthetic.tissue import render_tissue_patch
+from leukolab.data.synthetic.tissue import TISSUE_CLASSES, render_tissue_patch
 from leukolab.errors import LeukolabError
 from leukolab.utils.files import atomic_folder
 
 _POOL_STREAM = 1000  # second entropy word of pool images; WBC datasets use the class index 0..4
+_TISSUE_STREAM = 2000  # labelled tissue: 2000 + the index of the class in TISSUE_CLASSES
 
 _T = TypeVar("_T")
 
@@ -179,5 +181,66 @@ def make_pool(
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(("path", "kind"))
             w.writerows(rows)
+
+    return atomic_folder(out, fill)
+
+
+def make_tissue_dataset(
+    out: Path,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    progress: bool = True,
+) -> Path:
+    """Write a labelled normal-vs-tumour tissue set in ImageFolder layout (the seeds' Camelyon16 stand-in).
+
+    Layout (paths in the CSV relative to ``out``)::
+
+        out/normal/normal_00000.png ...   out/tumour/tumour_00000.png ...
+        out/metadata.csv                  columns path,label
+
+    Image ``i`` (0-based, in writing order) has class ``TISSUE_CLASSES[i % 2]`` and is
+    the ``j = i // 2``-th of its class, drawn from ``np.random.default_rng([seed, 2000 + k, j])``
+    (``k`` the class index): the classes are balanced (``ceil(n/2)`` normal), the same seed
+    gives byte-identical files and a larger ``n`` leaves the first images unchanged.
+
+    Args:
+        out: folder to create; it must not exist or be empty (never overwritten).
+        n: number of images in all (>= 2).
+        size: side of the square patches in pixels (>= 16).
+        seed: non-negative integer seed.
+        difficulty: class overlap in [0, 1], see :func:`render_tissue_patch`.
+        progress: show a tqdm progress bar if tqdm is installed.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        LeukolabError: a bad argument or an existing non-empty ``out``.
+    """
+    n = check_count("n", n)
+    if n < len(TISSUE_CLASSES):
+        raise LeukolabError(f"n must be >= {len(TISSUE_CLASSES)} (one image per class), got {n}")
+    size = check_size(size)
+    seed = check_seed(seed)
+    difficulty = check_fraction("difficulty", difficulty)
+    width = max(5, len(str(n // 2)))
+
+    def fill(root: Path) -> None:
+        rows: list[tuple[str, str]] = []
+        for c in TISSUE_CLASSES:
+            (root / c).mkdir()
+        for i in progress_bar(range(n), n, "synthetic tissue", progress):
+            k, j = i % len(TISSUE_CLASSES), i // len(TISSUE_CLASSES)
+            label = TISSUE_CLASSES[k]
+            img = render_tissue_patch(size, np.random.default_rng([seed, _TISSUE_STREAM + k, j]), label, difficulty)
+            name = f"{label}_{j:0{width}d}.png"
+            save_png(img, root / label / name)
+            rows.append((f"{label}/{name}", label))
+        with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(("path", "label"))
+            w.writerows(sorted(rows))
 
     return atomic_folder(out, fill)
