@@ -27,7 +27,7 @@ from leukolab.data.checks import require_readable
 from leukolab.data.folds_file import read_folds_file, require_inside
 from leukolab.data.image_options import ImageOptions, masks_folder
 from leukolab.data.mixing import MixConfig
-from leukolab.data.preprocess import STAIN_NORM_FILE, check_image_options, load_stain_norm, save_stain_norm
+from leukolab.data.preprocess import FIT_IMAGES, STAIN_NORM_FILE, check_image_options, load_stain_norm, save_stain_norm
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
 from leukolab.errors import LeukolabError
@@ -273,7 +273,7 @@ def image_options(run: Run, train_paths: list[Path], fit_paths: list[Path],
     images = images.fitted(fit_paths)
     run_dir = run.create(tables)
     if distributed.is_main() and images.normaliser is not None:
-        reference = d.get("stain_ref") or f"{min(len(fit_paths), 64)} training images"
+        reference = d.get("stain_ref") or f"{min(len(fit_paths), FIT_IMAGES)} training images"
         save_stain_norm(run_dir, images.normaliser, str(reference))
     return images
 

@@ -46,6 +46,8 @@ from leukolab.training.loop import TrainerConfig
 
 #: the backbone of a method whose objective names no ``default_backbone``
 DEFAULT_BACKBONE = "vit_tiny_patch16_224"
+#: ``optim.base_lr`` of a method whose objective names no ``default_base_lr`` (MAE's)
+DEFAULT_BASE_LR = 1.5e-4
 
 
 # --------------------------------------------------------------------------- data
@@ -160,8 +162,12 @@ def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
 
 
 def _prepare(cfg: dict[str, Any]) -> None:
-    """A new run's data folders made absolute and its backbone named (the method's default when null)."""
+    """A new run's data folders made absolute, its backbone and base learning rate set (the method's defaults
+    when null)."""
     cfg["model"]["backbone"] = method_backbone(cfg)
+    if cfg["optim"].get("base_lr") is None:
+        factory = PRETRAIN_METHODS.get(cfg["method"])
+        cfg["optim"]["base_lr"] = float(getattr(factory, "default_base_lr", DEFAULT_BASE_LR))
     paths = cfg["data"]["paths"]
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     if not paths:

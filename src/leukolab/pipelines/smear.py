@@ -174,6 +174,14 @@ class _Analyser:
             image = np.asarray(load_rgb(path))
         except LeukolabError as exc:
             return FieldResult(str(path), error=str(exc))
+        result = self.analyse_image(str(path), image)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def analyse_image(self, name: str, image: np.ndarray) -> FieldResult:
+        """Detect, crop and classify one decoded RGB field ``image`` (H, W, 3 uint8) labelled ``name`` (what
+        ``smear analyse`` does to each file; ``leukolab serve`` calls it on uploaded fields)."""
+        start = time.perf_counter()
         pred = predict_field(self.detector, image, _scale(self.meta, image, self.tiles), self.thresholds, self.tiles)
         pred = pred.keep(pred.labels == self.cell)
         crops = self.crops(image, pred.boxes)
@@ -186,7 +194,7 @@ class _Analyser:
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             png = buf.getvalue()
-        return FieldResult(str(path), pred.boxes.astype(np.float64), pred.scores.astype(np.float64),
+        return FieldResult(name, pred.boxes.astype(np.float64), pred.scores.astype(np.float64),
                            np.asarray(probs, dtype=np.float64), png, time.perf_counter() - start)
 
 
