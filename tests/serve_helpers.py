@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from PIL import Image
+from test_smear import _wbc_only  # the same white-cells-only YOLO copy as the smear tests
 
 _CACHE: dict[str, TinyRuns] = {}
 
@@ -22,21 +20,6 @@ class TinyRuns:
     classifier: Path
     ensemble: Path
     fields: list[Path]
-
-
-def _wbc_only(fields: Path, out: Path) -> Path:
-    """A YOLO copy of synthetic smears with only the white cells annotated (as tests/test_smear.py builds it)."""
-    (out / "labels").mkdir(parents=True)
-    shutil.copytree(fields / "images", out / "images")
-    (out / "classes.txt").write_text("WBC\n")
-    boxes = pd.read_csv(fields / "boxes.csv")
-    for path in sorted((out / "images").glob("*.jpg")):
-        w, h = Image.open(path).size
-        rows = boxes[(boxes["image"] == path.name) & (boxes["label"] == "WBC")]
-        (out / "labels" / f"{path.stem}.txt").write_text("".join(
-            f"0 {(r.x1 + r.x2) / 2 / w} {(r.y1 + r.y2) / 2 / h} {(r.x2 - r.x1) / w} {(r.y2 - r.y1) / h}\n"
-            for r in rows.itertuples()))
-    return out
 
 
 def tiny_runs(base: Path) -> TinyRuns:
