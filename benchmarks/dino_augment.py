@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import default_collate
 
 from leukolab.data.dataset import ImageDataset
-from leukolab.data.multicrop import BatchedMultiCrop, MultiCropTransform
+from leukolab.data.multicrop import BatchedMultiCrop, MultiCropTransform, MultiCropViews
 from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
 from leukolab.objectives.dino import DINOObjective
@@ -67,8 +67,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev, b = args.device, args.batch
-    per_image = MultiCropTransform(args.img_size, args.local_size, args.local_crops)
-    batched = BatchedMultiCrop(args.img_size, args.local_size, args.local_crops)
+    views = MultiCropViews(args.img_size, args.local_size, args.local_crops)
+    per_image, batched = MultiCropTransform(views), BatchedMultiCrop(views)
     with tempfile.TemporaryDirectory() as tmp:
         paths = list_images(make_pool(Path(tmp) / "pool", b, size=args.source_size, seed=0, progress=False))
         ds_img = ImageDataset(paths, None, per_image, cache=True, max_side=2 * args.img_size)

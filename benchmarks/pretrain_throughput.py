@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from leukolab.data.dataset import ImageDataset
-from leukolab.data.multicrop import MultiCropTransform
+from leukolab.data.multicrop import MultiCropTransform, MultiCropViews
 from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
 from leukolab.data.transforms import mae_transform
@@ -173,8 +173,8 @@ def transform_cost(args: argparse.Namespace) -> dict[str, float]:
         pool = make_pool(Path(tmp) / "pool", 32, size=args.img_size, seed=0, progress=False)
         paths = list_images(pool)
         tfs = {"mae crop": mae_transform(args.img_size),
-               f"dino multi-crop (2+{args.local_crops})": MultiCropTransform(args.img_size, args.local_size,
-                                                                             args.local_crops)}
+               f"dino multi-crop (2+{args.local_crops})": MultiCropTransform(MultiCropViews(
+                   args.img_size, args.local_size, args.local_crops))}
         for name, tf in tfs.items():
             ds = ImageDataset(paths, None, tf, cache=True)
             for i in range(len(ds)):

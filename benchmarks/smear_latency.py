@@ -1,6 +1,6 @@
 """Milliseconds per 640x480 smear field for ``leukolab smear analyse``: one detector, two classifiers, +/- TTA.
 
-End to end is what ``smear analyse`` does per field (``_Analyser.field``):
+End to end is what ``smear analyse`` does per field (``SmearAnalyser.field``):
 decode the JPEG -> detect (resize, network, peak picking) -> keep the white
 cells -> square crops with a margin -> classify them with the equal-weight
 ensemble of the classifiers (each at its own input size; with ``--tta`` over
@@ -35,7 +35,7 @@ import torch
 from leukolab.data.synthetic.smears import make_smears
 from leukolab.models.classifier import build_classifier
 from leukolab.pipelines.predictors import EnsemblePredictor, RunPredictor
-from leukolab.pipelines.smear import SmearOptions, _Analyser, load_classifiers
+from leukolab.pipelines.smear import SmearAnalyser, SmearOptions, load_classifiers
 from leukolab.registry import DETECTORS
 
 ANCHOR_MS = 462.0
@@ -106,7 +106,7 @@ def main() -> None:
         files = sorted((root / "images").glob("*.jpg"))
         for tta in (False, True):
             opts = SmearOptions(tta=tta, device="cpu", draw=not args.no_draw, progress=False)
-            analyser = _Analyser(detector, meta, predictor_of(tta), opts)
+            analyser = SmearAnalyser(detector, meta, predictor_of(tta), opts)
             for f in files[:2]:  # warm-up
                 analyser.field(f)
             cells, t = 0, time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import default_collate
 
 from leukolab.data.dataset import ImageDataset
-from leukolab.data.multicrop import MultiCropTransform
+from leukolab.data.multicrop import MultiCropTransform, MultiCropViews
 from leukolab.data.readers import list_images
 from leukolab.data.synthetic import make_pool
 from leukolab.errors import LeukolabError
@@ -28,7 +28,7 @@ TINY = {"patch_size": 8, "depth": 2}
 def batch(tmp_path_factory: pytest.TempPathFactory) -> list:
     pool = make_pool(tmp_path_factory.mktemp("dino") / "pool", 8, size=32, seed=0, progress=False)
     torch.manual_seed(0)
-    ds = ImageDataset(list_images(pool), None, MultiCropTransform(32, 16, n_local=2))
+    ds = ImageDataset(list_images(pool), None, MultiCropTransform(MultiCropViews(32, 16, n_local=2)))
     return default_collate([ds[i] for i in range(len(ds))])
 
 

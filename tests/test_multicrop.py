@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 from leukolab.data.multicrop import (
     BatchedMultiCrop,
     MultiCropTransform,
+    MultiCropViews,
     _brightness,
     _contrast,
     _gaussian_blur,
@@ -35,15 +36,20 @@ def _images(b: int = 6, size: int = 32, seed: int = 0) -> torch.Tensor:
     return F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _plain(**kw: object) -> BatchedMultiCrop:
+def _crops(*args: int, **kw: int) -> BatchedMultiCrop:
+    """Batched multi-crop of ``MultiCropViews(*args, **kw)``."""
+    return BatchedMultiCrop(MultiCropViews(*args, **kw))
+
+
+def _plain(**kw: int) -> BatchedMultiCrop:
     """Every random step off: whole-image crops, no flips, no colour, no blur, no solarisation."""
-    return BatchedMultiCrop(global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), jitter=0.0, flips=False, blur=False,
-                            solarize=False, **kw)
+    views = MultiCropViews(global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), jitter=0.0, **kw)
+    return BatchedMultiCrop(views, flips=False, blur=False, solarize=False)
 
 
 def test_views_have_the_multicrop_shapes_dtype_and_normalisation() -> None:
     x = _images(5, 32)
-    views = BatchedMultiCrop(16, 8, n_local=3)(x)
+    views = _crops(16, 8, n_local=3)(x)
     assert [tuple(v.shape) for v in views] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 3
     assert all(v.dtype == torch.float32 for v in views)
     grey = torch.full((2, 3, 16, 16), 0.25)  # a flat image stays flat: its view is exactly (0.25 - mean) / std
@@ -51,9 +57,9 @@ def test_views_have_the_multicrop_shapes_dtype_and_normalisation() -> None:
     for v in out:
         torch.testing.assert_close(v, ((0.25 - _M) / _S).expand_as(v))
     torch.manual_seed(3)
-    from_uint8 = BatchedMultiCrop(16, 8, n_local=1)((x * 255).round().to(torch.uint8))
+    from_uint8 = _crops(16, 8, n_local=1)((x * 255).round().to(torch.uint8))
     torch.manual_seed(3)
-    from_float = BatchedMultiCrop(16, 8, n_local=1)((x * 255).round() / 255)
+    from_float = _crops(16, 8, n_local=1)((x * 255).round() / 255)
     for a, b in zip(from_uint8, from_float, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -70,7 +76,7 @@ def test_without_random_steps_a_view_is_a_plain_resize_and_normalise() -> None:
 
 
 def test_same_seed_same_views_other_seed_other_views() -> None:
-    crops, x = BatchedMultiCrop(16, 8, n_local=2), _images(4, 32)
+    crops, x = _crops(16, 8, n_local=2), _images(4, 32)
     torch.manual_seed(1)
     a = crops(x)
     torch.manual_seed(1)
@@ -84,7 +90,7 @@ def test_same_seed_same_views_other_seed_other_views() -> None:
 def test_parameters_are_drawn_per_sample() -> None:
     x = _images(1, 32).expand(8, -1, -1, -1).contiguous()  # one image, eight times
     torch.manual_seed(0)
-    for view in BatchedMultiCrop(16, 8, n_local=1)(x):
+    for view in _crops(16, 8, n_local=1)(x):
         flat = view.flatten(1)
         distinct = {tuple(r.tolist()) for r in flat.round(decimals=4)}
         assert len(distinct) == 8  # every copy got its own crop / flip / colour
@@ -132,13 +138,13 @@ def test_batched_views_look_like_per_image_views() -> None:
     pil = Image.fromarray(img)
     n, threads = 256, torch.get_num_threads()
     torch.manual_seed(0)
-    per_image = MultiCropTransform(32, 16, n_local=1)
+    per_image = MultiCropTransform(MultiCropViews(32, 16, n_local=1))
     torch.set_num_threads(1)  # tiny per-image ops: threads only add overhead
     try:
         ref = [torch.stack(vs) for vs in zip(*(per_image(pil) for _ in range(n)), strict=True)]
     finally:
         torch.set_num_threads(threads)
-    batched = BatchedMultiCrop(32, 16, n_local=1)
+    batched = _crops(32, 16, n_local=1)
     out = batched(batched.base_transform()(pil).unsqueeze(0).expand(n, -1, -1, -1))
     for a, b in zip(ref, out, strict=True):
         assert a.shape == b.shape
@@ -151,12 +157,28 @@ def test_bad_inputs_are_one_line_errors() -> None:
     with pytest.raises(LeukolabError, match=r"shape \(3, 8, 8\); expected \(B, 3, H, W\)"):
         BatchedMultiCrop()(torch.rand(3, 8, 8))
     with pytest.raises(LeukolabError, match=r"local crop scale \[0\.5, 0\.1\] is invalid"):
-        BatchedMultiCrop(local_scale=(0.5, 0.1))
+        MultiCropViews(local_scale=(0.5, 0.1))
+
+
+def test_both_transforms_of_one_options_object_make_the_same_views() -> None:
+    views = MultiCropViews(24, 8, n_local=3, global_scale=[0.5, 1], local_scale=(0.2, 0.5), jitter=0)
+    assert views.global_scale == (0.5, 1.0) and isinstance(views.global_scale[1], float)  # normalised once
+    per_image, batched = MultiCropTransform(views), BatchedMultiCrop(views)
+    assert per_image.options is views and batched.options is views
+    assert per_image.n_views == batched.n_views == views.n_views == 5
+    pil = Image.new("RGB", (40, 33), (180, 90, 140))
+    torch.manual_seed(0)
+    one = per_image(pil)
+    many = batched(batched.base_transform()(pil).unsqueeze(0).expand(2, -1, -1, -1))
+    assert [tuple(v.shape) for v in one] == [(3, 24, 24)] * 2 + [(3, 8, 8)] * 3
+    assert [tuple(v.shape[1:]) for v in many] == [tuple(v.shape) for v in one] and all(len(v) == 2 for v in many)
+    with pytest.raises(LeukolabError, match="local crops -1 must be >= 0"):
+        MultiCropViews(n_local=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_views_match_cpu_views_for_the_same_seed() -> None:
-    crops, x = BatchedMultiCrop(16, 8, n_local=2), _images(4, 32)
+    crops, x = _crops(16, 8, n_local=2), _images(4, 32)
     torch.manual_seed(5)
     cpu = crops(x)
     torch.manual_seed(5)

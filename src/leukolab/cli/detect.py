@@ -1,4 +1,4 @@
-"""``leukolab detect train | evaluate | predict | stats`` and ``leukolab synth smears``: cells in smear fields."""
+"""``leukolab detect train | evaluate | predict | export | stats``, ``leukolab synth smears``: smear fields."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import typer
 from leukolab.cli.app import add_group
 from leukolab.cli.synth import synth_app
 from leukolab.errors import LeukolabError
+
+BACKEND_HELP = "torch, or onnx: ONNX Runtime on the CPU (pip install 'leukolab[onnx]')."
 
 detect_app = add_group("detect", "Find white cells, red cells and platelets in smear fields (boxes).")
 
@@ -63,6 +65,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
     check_images: Optional[bool] = typer.Option(None, "--check-images/--no-check-images"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    mosaic: Optional[float] = typer.Option(None, "--mosaic", help="Probability of a 4-field mosaic sample (0 = off)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name prefix."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
 ) -> None:
@@ -74,7 +77,7 @@ def train(
         "data.batch_size": batch_size, "data.val_fraction": val_fraction, "data.check_images": check_images,
         "model.detector": detector, "model.detector_kwargs.backbone": backbone,
         "model.init": str(init) if init is not None else None, "optim.lr": lr, "train.epochs": epochs,
-        "train.device": device, "seed": seed,
+        "train.device": device, "seed": seed, "augment.mosaic": mosaic,
     }
     if resume is not None:
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
@@ -92,11 +95,12 @@ def evaluate(
     score: float = typer.Option(0.3, "--score", help="Score threshold of precision / recall / counts."),
     class_score: Optional[list[str]] = typer.Option(None, "--class-score", help="CLASS=SCORE, repeatable."),
     tile: bool = typer.Option(False, "--tile/--no-tile", help="Tile fields larger than the training fields."),
+    backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
 ) -> None:
     """COCO-style AP per class (IoU 0.5 and 0.5:0.95), PR curves and annotated example fields."""
     from leukolab.pipelines.detect import evaluate_detector, summary_line
 
-    out_dir = evaluate_detector(run, data, out, score, _class_scores(class_score), tile)
+    out_dir = evaluate_detector(run, data, out, score, _class_scores(class_score), tile, backend=backend)
     typer.echo(summary_line(out_dir / "metrics.json"))
     typer.echo(f"wrote {out_dir}/metrics.json, pr_<class>.png, examples/")
 
@@ -112,13 +116,27 @@ def predict(
     tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Tile side in image pixels (default: field)."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Tile overlap in px (default: 1.1 x largest cell)."),
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write annotated PNGs."),
+    backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
 ) -> None:
     """Boxes (boxes.csv, COCO results.json), counts per image (counts.csv) and annotated fields."""
     from leukolab.pipelines.detect import predict_detector
 
     out_dir = predict_detector(run, list(images), out, score, _class_scores(class_score), tile, tile_size, overlap,
-                               draw)
+                               draw, backend=backend)
     typer.echo(f"wrote {out_dir}/boxes.csv, results.json, counts.csv" + (", annotated/" if draw else ""))
+
+
+@detect_app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="A leukolab detect run folder (centernet)."),
+    out: Path = typer.Option(..., "--out", help="New .onnx file to write."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+) -> None:
+    """The run's network as ONNX (uint8 NCHW 'images' -> 'heatmap' logits, 'distances' px; dynamic sizes)."""
+    from leukolab.pipelines.detect import export_detector
+
+    path = export_detector(run, out, opset)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @detect_app.command("stats")

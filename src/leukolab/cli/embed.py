@@ -47,7 +47,9 @@ def embed(
                                    help="release: the weights' own evaluation recipe (DINOv2: resize 256 bicubic "
                                         "+ centre crop 224); resize: the whole image resized to --img-size."),
 ) -> None:
-    """One embedding per image (with path, label, source) into a features file for probe / viz."""
+    """One embedding per image (with path, label, source) into a features file for probe / viz.
+
+    A classifier run's images get its recorded cell crop / stain normalisation first, as in evaluate."""
     from leukolab.pipelines.embed import EmbedOptions, embed_dataset
 
     options = EmbedOptions(pool=pool, layer=layer, final_norm=final_norm, img_size=img_size, norm=norm,

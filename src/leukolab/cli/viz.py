@@ -40,7 +40,9 @@ def viz_attention(
     norm: Optional[str] = typer.Option(None, "--norm", help=NORM_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
-    """Last-block attention of the class and register tokens to the patches, per head and head mean."""
+    """Last-block attention of the class and register tokens to the patches, per head and head mean.
+
+    Prompt tokens of a prompt-tuned run are left out; a classifier run's images are prepared as in evaluate."""
     from leukolab.pipelines.viz import ViewOptions, attention_figures
 
     options = ViewOptions(img_size=img_size, norm=norm, num_heads=num_heads, allow_pickle=allow_pickle, limit=limit)

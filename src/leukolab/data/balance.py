@@ -7,6 +7,8 @@
 - ``oversample``: :func:`balanced_sampler` draws every class with equal expectation;
 - ``augment``: :func:`augment_copies` writes augmented copies of the rare classes up to the
   majority count (seed 001's method) into the run folder, and training reads them with the originals.
+  When the run uses cell masks, each copy's mask is its source's mask file under the same flip /
+  rotation (:meth:`CopyTransform.pair`), written beside the copies (:func:`read_copy_masks`).
 
 Why not torch's :class:`~torch.utils.data.WeightedRandomSampler`: it has no ``set_epoch`` (the
 Trainer re-seeds each epoch through it, so a resumed run sees the same draws) and cannot shard one
@@ -23,25 +25,31 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Sampler
 from torchvision.transforms import v2
 
 from leukolab.data.dataset import load_rgb
+from leukolab.data.masks import load_mask
 from leukolab.errors import LeukolabError
 from leukolab.utils.files import atomic_folder
 from leukolab.utils.progress import progress as progress_bar
 
 __all__ = [
-    "BALANCE_MODES", "COPIES_CSV", "BalancedSampler", "DihedralFlip", "augment_copies", "balanced_sampler",
-    "check_balance_mode", "class_counts", "default_copy_transform", "read_copies",
+    "BALANCE_MODES", "COPIES_CSV", "COPY_MASKS_DIR", "BalancedSampler", "CopyTransform", "DihedralFlip",
+    "augment_copies", "balanced_sampler", "check_balance_mode", "class_counts", "default_copy_transform",
+    "read_copies", "read_copy_masks",
 ]
 
 #: the values of ``data.balance`` / ``--balance``
 BALANCE_MODES = ("none", "weights", "oversample", "augment")
 #: the table :func:`augment_copies` writes into its folder: ``path`` (relative to it), ``label``, ``source``
+#: (and, when masks were given, ``mask``: the copy's mask relative to the folder, empty for a copy without one)
 COPIES_CSV = "copies.csv"
+#: the sub-folder of :func:`augment_copies`' folder that holds the copies' masks (``masks/<class>/<name>.png``)
+COPY_MASKS_DIR = "masks"
 
 
 def check_balance_mode(mode: object) -> str:
@@ -117,14 +125,46 @@ class DihedralFlip:
                Image.Transpose.TRANSVERSE)
     _ANY = (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180)
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def draw(self, img: Image.Image) -> Image.Transpose:
+        """One random transform for ``img`` (one draw of torch's RNG)."""
         ops = self._SQUARE if img.width == img.height else self._ANY
-        return img.transpose(ops[int(torch.randint(len(ops), ()).item())])
+        return ops[int(torch.randint(len(ops), ()).item())]
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.transpose(self.draw(img))
+
+    def pair(self, img: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """``img`` and its ``mask`` (same size) under one and the same random transform."""
+        op = self.draw(img)
+        return img.transpose(op), mask.transpose(op)
 
 
-def default_copy_transform() -> Callable[[Image.Image], Image.Image]:
-    """The augmentation of a copy: a random flip/90-degree rotation, then a small colour jitter (PIL in, PIL out)."""
-    return v2.Compose([DihedralFlip(), v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)])
+class CopyTransform:
+    """A geometric transform (moves pixels; applied to image and mask alike) then a photometric one (image only).
+
+    ``__call__`` transforms an image; :meth:`pair` an image and its mask with the same geometric draw (the
+    ``geometric`` part needs a ``pair(img, mask)`` method, as :class:`DihedralFlip` has). Both draw torch's RNG
+    in the same order, so a copy is the same image with or without its mask.
+    """
+
+    def __init__(self, geometric: Callable[[Image.Image], Image.Image],
+                 photometric: Callable[[Image.Image], Image.Image] | None = None) -> None:
+        self.geometric, self.photometric = geometric, photometric
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        img = self.geometric(img)
+        return self.photometric(img) if self.photometric is not None else img
+
+    def pair(self, img: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """The copy of ``img`` and the same geometric transform of its ``mask``."""
+        img, mask = self.geometric.pair(img, mask)  # type: ignore[attr-defined]
+        return (self.photometric(img) if self.photometric is not None else img), mask
+
+
+def default_copy_transform() -> CopyTransform:
+    """The augmentation of a copy: a random flip/90-degree rotation, then a small colour jitter (PIL in, PIL out;
+    :meth:`CopyTransform.pair` moves a mask with the image)."""
+    return CopyTransform(DihedralFlip(), v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02))
 
 
 def _folder_name(label: str, taken: set[str]) -> str:
@@ -152,6 +192,7 @@ def augment_copies(
     *,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    masks: Sequence[Path | str | None] | None = None,
 ) -> tuple[list[Path], list[str], dict[str, int]]:
     """Write augmented copies of the rarer classes until every class has the majority class's count.
 
@@ -160,6 +201,9 @@ def augment_copies(
     :func:`default_copy_transform`), run under torch's RNG seeded by ``(seed, class, copy)`` so the same
     seed writes the same files. Copies are RGB PNGs in ``out_dir/<class>/`` (``out_dir`` must be absent or
     empty; it is filled atomically, the source images are only read), listed in ``out_dir/copies.csv``.
+    With ``masks``, the copy of an image that has a mask file gets that mask under the same geometric
+    transform (``transform.pair(image, mask)``), written to ``out_dir/masks/<class>/`` (L mode, 0/255) and
+    listed in the table's ``mask`` column (:func:`read_copy_masks`); a copy of an image without one has none.
 
     Args:
         paths, labels: the training images and their classes.
@@ -168,15 +212,19 @@ def augment_copies(
         transform: PIL image -> PIL image, random through torch's RNG (torchvision transforms are).
         class_names: the classes expected; one without images is an error (default: those in ``labels``).
         progress: show a progress bar.
+        masks: the cell mask file of each image (``None`` where it has none), e.g. a run's ``--masks``.
 
     Returns:
         The originals followed by the copies (paths and labels), and the per-class counts after balancing.
 
     Raises:
-        LeukolabError: a class with zero images, mismatched ``paths``/``labels``, or a non-empty ``out_dir``.
+        LeukolabError: a class with zero images, mismatched ``paths``/``labels``/``masks``, a non-empty
+            ``out_dir``, a mask of another size than its image, or masks with a transform without ``pair``.
     """
     if len(paths) != len(labels):
         raise LeukolabError(f"augment_copies: {len(paths)} paths but {len(labels)} labels; expected one label each")
+    if masks is not None and len(masks) != len(paths):
+        raise LeukolabError(f"augment_copies: {len(paths)} paths but {len(masks)} masks; expected one (or None) each")
     counts = class_counts(labels, class_names)
     empty = [c for c, n in counts.items() if n == 0]
     if empty or not counts:
@@ -184,6 +232,10 @@ def augment_copies(
                             "needs at least one image of every class to copy")
     top = max(counts.values())
     tf = transform or default_copy_transform()
+    with_masks = masks is not None and any(m is not None for m in masks)
+    if with_masks and not callable(getattr(tf, "pair", None)):
+        raise LeukolabError(f"augment_copies: the transform {type(tf).__name__} has no pair(image, mask) method; "
+                            "expected one (e.g. CopyTransform) to move the masks with the copies")
     by_class: dict[str, list[int]] = {c: [] for c in counts}
     for i, lab in enumerate(labels):
         by_class[lab].append(i)
@@ -194,28 +246,40 @@ def augment_copies(
         order = [idx[int(j)] for j in torch.randperm(len(idx), generator=g)]
         jobs += [(ci, c, k, order[k % len(order)]) for k in range(top - len(idx))]
     out_dir = Path(out_dir)
-    taken: set[str] = set()
+    taken: set[str] = {COPY_MASKS_DIR} if with_masks else set()  # a class named "masks" gets another folder
     folders = {c: _folder_name(c, taken) for c in counts}
     rel = [f"{folders[c]}/{k:06d}_{Path(paths[src]).stem}.png" for _, c, k, src in jobs]
 
     def fill(tmp: Path) -> None:
         for c in counts:
             (tmp / folders[c]).mkdir()
+            if with_masks:
+                (tmp / COPY_MASKS_DIR / folders[c]).mkdir(parents=True)
         rows = []
         for (ci, c, k, src), name in zip(progress_bar(jobs, "balancing copies", progress, total=len(jobs)), rel,
                                          strict=True):
             img = load_rgb(Path(paths[src]))
+            mask_file = masks[src] if masks is not None else None
+            mask = None
+            if mask_file is not None:
+                mask = Image.fromarray(load_mask(mask_file, img.size, paths[src]).astype(np.uint8) * 255)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1000003 + ci) * 1000003 + k)
-                copy = tf(img)
+                copy, mask_copy = tf.pair(img, mask) if mask is not None else (tf(img), None)  # type: ignore[attr-defined]
             if not isinstance(copy, Image.Image):
                 raise LeukolabError(f"augment_copies: the transform returned {type(copy).__name__}; "
                                     "expected a PIL image")
             (tmp / name).write_bytes(_png(copy.convert("RGB")))
-            rows.append((name, c, str(paths[src])))
+            row = [name, c, str(paths[src])]
+            if with_masks:
+                mask_name = f"{COPY_MASKS_DIR}/{name}" if mask_copy is not None else ""
+                if mask_copy is not None:
+                    (tmp / mask_name).write_bytes(_png(mask_copy.convert("L")))
+                row.append(mask_name)
+            rows.append(row)
         with open(tmp / COPIES_CSV, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh, lineterminator="\n")
-            w.writerow(("path", "label", "source"))
+            w.writerow(("path", "label", "source", *(("mask",) if with_masks else ())))
             w.writerows(rows)
 
     atomic_folder(out_dir, fill)
@@ -233,3 +297,15 @@ def read_copies(out_dir: Path | str) -> tuple[list[Path], list[str]]:
     with open(table, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     return [out_dir / r["path"] for r in rows], [r["label"] for r in rows]
+
+
+def read_copy_masks(out_dir: Path | str) -> dict[Path, Path]:
+    """The mask file of each copy :func:`augment_copies` wrote with a mask into ``out_dir`` (copy path -> mask
+    path; empty when it was given no masks or ``out_dir`` holds no copies table)."""
+    out_dir = Path(out_dir)
+    table = out_dir / COPIES_CSV
+    if not table.is_file():
+        return {}
+    with open(table, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return {out_dir / r["path"]: out_dir / r["mask"] for r in rows if r.get("mask")}

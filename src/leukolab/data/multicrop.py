@@ -1,5 +1,8 @@
 """Multi-crop views for DINO: 2 global crops and ``n_local`` smaller local crops per image.
 
+:class:`MultiCropViews` says which views: their sizes, count, crop scales and
+colour-jitter strength; both transforms below take one.
+
 :class:`MultiCropTransform` turns one PIL image into a list of normalised
 tensors ``[global_1, global_2, local_1, ..., local_n]``; with
 :class:`leukolab.data.dataset.ImageDataset` and the default collate a batch is
@@ -34,6 +37,40 @@ from leukolab.data.transforms import MEAN, STD
 from leukolab.errors import LeukolabError
 
 
+@dataclass(frozen=True)
+class MultiCropViews:
+    """The multi-crop views of one image: 2 global crops of ``global_size`` px and ``n_local`` local crops of
+    ``local_size`` px, random resized crops covering ``global_scale`` / ``local_scale`` (min, max) of the image
+    area, with colour jitter of strength ``jitter`` (0: no colour jitter and no grey scale).
+
+    Values are normalised on construction (ints, float tuples); bad values are one-line errors. The ``dino:``
+    config section gives one (:attr:`leukolab.objectives.dino.DINOObjective.views`)."""
+
+    global_size: int = 64
+    local_size: int = 32
+    n_local: int = 4
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if int(self.n_local) < 0:
+            raise LeukolabError(f"local crops {self.n_local} must be >= 0")
+        for name, scale in (("global", self.global_scale), ("local", self.local_scale)):
+            if len(scale) != 2 or not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0:
+                raise LeukolabError(f"{name} crop scale {list(scale)} is invalid; expected [min, max] in (0, 1]")
+        for name, value in (("global_size", int(self.global_size)), ("local_size", int(self.local_size)),
+                            ("n_local", int(self.n_local)), ("jitter", float(self.jitter)),
+                            ("global_scale", (float(self.global_scale[0]), float(self.global_scale[1]))),
+                            ("local_scale", (float(self.local_scale[0]), float(self.local_scale[1])))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def n_views(self) -> int:
+        """Views per image (2 global + local)."""
+        return 2 + self.n_local
+
+
 def _view(size: int, scale: Sequence[float], blur_p: float, solarize_p: float, jitter: float) -> v2.Compose:
     kernel = max(3, (size // 10) | 1)  # odd, ~10 % of the crop as in DINO (23 px at 224)
     steps: list[v2.Transform] = [
@@ -56,31 +93,22 @@ def _view(size: int, scale: Sequence[float], blur_p: float, solarize_p: float, j
 
 
 class MultiCropTransform:
-    """PIL image -> ``[global_1, global_2, local_1, ..., local_n]`` normalised tensors."""
+    """PIL image -> ``[global_1, global_2, local_1, ..., local_n]`` normalised tensors, the ``views`` (default:
+    :class:`MultiCropViews`' defaults) drawn with torchvision's v2 transforms."""
 
-    def __init__(
-        self,
-        global_size: int = 64,
-        local_size: int = 32,
-        n_local: int = 4,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_scale: Sequence[float] = (0.1, 0.4),
-        jitter: float = 1.0,
-    ) -> None:
-        if int(n_local) < 0:
-            raise LeukolabError(f"local crops {n_local} must be >= 0")
-        self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
-        self.global_1 = _view(global_size, global_scale, 1.0, 0.0, jitter)
-        self.global_2 = _view(global_size, global_scale, 0.1, 0.2, jitter)
-        self.local = _view(local_size, local_scale, 0.5, 0.0, jitter)
+    def __init__(self, views: MultiCropViews | None = None) -> None:
+        v = self.options = views if views is not None else MultiCropViews()
+        self.global_1 = _view(v.global_size, v.global_scale, 1.0, 0.0, v.jitter)
+        self.global_2 = _view(v.global_size, v.global_scale, 0.1, 0.2, v.jitter)
+        self.local = _view(v.local_size, v.local_scale, 0.5, 0.0, v.jitter)
 
     @property
     def n_views(self) -> int:
         """Views per image (2 global + local)."""
-        return 2 + self.n_local
+        return self.options.n_views
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        return [self.global_1(img), self.global_2(img), *(self.local(img) for _ in range(self.n_local))]
+        return [self.global_1(img), self.global_2(img), *(self.local(img) for _ in range(self.options.n_local))]
 
 
 # --------------------------------------------------------------------------- batched multi-crop
@@ -173,7 +201,8 @@ class _ViewSpec:
 class BatchedMultiCrop:
     """A batch ``(B, 3, R, R)`` (float in [0, 1] or uint8, any device) -> ``[G1, G2, L1, ..., Ln]`` normalised.
 
-    The augmentation distribution of :class:`MultiCropTransform`, with random parameters drawn per sample and per
+    The ``views`` (a :class:`MultiCropViews`; default: its defaults) and augmentation distribution of
+    :class:`MultiCropTransform`, with random parameters drawn per sample and per
     view and applied in batched tensor ops on the batch's device: random resized crop (``roi_align``, adaptive
     sampling, i.e. antialiased), horizontal and vertical flips, colour jitter (p 0.8, a random order per sample),
     grey scale (p 0.2), Gaussian blur with a per-sample sigma and solarisation. Every random number comes from
@@ -189,32 +218,20 @@ class BatchedMultiCrop:
 
     def __init__(
         self,
-        global_size: int = 64,
-        local_size: int = 32,
-        n_local: int = 4,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_scale: Sequence[float] = (0.1, 0.4),
-        jitter: float = 1.0,
+        views: MultiCropViews | None = None,
         base_size: int | None = None,
         *,
         flips: bool = True,
         blur: bool = True,
         solarize: bool = True,
     ) -> None:
-        if int(n_local) < 0:
-            raise LeukolabError(f"local crops {n_local} must be >= 0")
-        for name, scale in (("global", global_scale), ("local", local_scale)):
-            if len(scale) != 2 or not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0:
-                raise LeukolabError(f"{name} crop scale {list(scale)} is invalid; expected [min, max] in (0, 1]")
-        self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
-        self.base_size = int(base_size) if base_size else 2 * self.global_size
-        self.jitter, self.flips = float(jitter), bool(flips)
-        gs = (float(global_scale[0]), float(global_scale[1]))
-        ls = (float(local_scale[0]), float(local_scale[1]))
+        v = self.options = views if views is not None else MultiCropViews()
+        self.base_size = int(base_size) if base_size else 2 * v.global_size
+        self.jitter, self.flips = v.jitter, bool(flips)
         self.views = [
-            _ViewSpec(self.global_size, gs, 1.0 if blur else 0.0, 0.0),
-            _ViewSpec(self.global_size, gs, 0.1 if blur else 0.0, 0.2 if solarize else 0.0),
-            *[_ViewSpec(self.local_size, ls, 0.5 if blur else 0.0, 0.0)] * self.n_local,
+            _ViewSpec(v.global_size, v.global_scale, 1.0 if blur else 0.0, 0.0),
+            _ViewSpec(v.global_size, v.global_scale, 0.1 if blur else 0.0, 0.2 if solarize else 0.0),
+            *[_ViewSpec(v.local_size, v.local_scale, 0.5 if blur else 0.0, 0.0)] * v.n_local,
         ]
 
     @property

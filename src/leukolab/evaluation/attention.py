@@ -8,7 +8,10 @@ its input, from which ``q`` and ``k`` are recomputed through ``attn.qkv``,
 soft-maxed over **all** keys (prefix and patch tokens). The maps returned
 are the *patch part* of the rows of the prefix tokens (class token first,
 then the registers), so a map sums to the share of attention that token gives
-to the patches, at most 1.
+to the patches, at most 1. Prompt tokens of a prompt-tuned ViT (``--adapter
+prompt``, shallow or deep), which exist only inside the blocks between the
+prefix and the patches, are told apart by the sequence length the block sees
+against the one the model returns, and left out of the maps.
 
 :func:`pca_rgb` is the visualisation of the DINOv2 papers: the first three
 principal components of the patch features (fitted over all images shown) as
@@ -38,6 +41,7 @@ from leukolab.utils.files import atomic_write
 __all__ = [
     "attention_maps",
     "attention_weights",
+    "inserted_tokens",
     "last_block_attention",
     "pca_rgb",
     "plot_attention_grid",
@@ -75,7 +79,34 @@ def attention_weights(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor 
 
 @torch.no_grad()
 def last_block_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights (B, heads, N, N), block input of attn (B, N, C))`` of the last block for images ``x``."""
+    """``(weights (B, heads, N, N), block input of attn (B, N, C))`` of the last block for images ``x``.
+
+    ``N`` counts every token the block sees, prompt tokens of a prompt adapter included
+    (see :func:`inserted_tokens`).
+    """
+    weights, inp, _ = _last_block(model, x)
+    return weights, inp
+
+
+def inserted_tokens(n_block: int, n_out: int) -> int:
+    """Tokens that live only inside the blocks: ``n_block`` (what the last block's attention sees) minus
+    ``n_out`` (what the ViT's ``forward_features`` returns). Visual prompt tuning
+    (:class:`leukolab.models.adapters.prompt.PromptTuning`, shallow or deep) inserts its prompts after the
+    prefix tokens at each block and takes them out again, so they are tokens ``P .. P + n - 1`` of the block.
+
+    Raises:
+        LeukolabError: the block sees fewer tokens than the model returns (an unknown layout).
+    """
+    extra = int(n_block) - int(n_out)
+    if extra < 0:
+        raise LeukolabError(f"the last block sees {n_block} tokens but the ViT returns {n_out}; "
+                            "cannot tell its patch tokens apart")
+    return extra
+
+
+@torch.no_grad()
+def _last_block(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`last_block_attention` and the number of tokens ``forward_features`` returned."""
     require_vit(model, "attention maps")
     attn = model.blocks[-1].attn
     captured: dict[str, Any] = {}
@@ -86,12 +117,12 @@ def last_block_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model.forward_features(x)
+        out = model.forward_features(x)
     finally:
         handle.remove()
     if "x" not in captured:
         raise LeukolabError("the last block's attention was never called; cannot compute attention maps")
-    return attention_weights(attn, captured["x"], captured["mask"]), captured["x"]
+    return attention_weights(attn, captured["x"], captured["mask"]), captured["x"], int(out.shape[1])
 
 
 def attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -99,21 +130,23 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Query tokens are the prefix tokens in model order (class token, then the
     registers; see :func:`leukolab.models.tokens.prefix_token_names`). The attention rows are
-    soft-maxed over all keys, prefix and patch tokens, so they sum to one
+    soft-maxed over all keys, prefix, prompt and patch tokens, so they sum to one
     over all keys; the returned maps are the patch part only (each sums to at
-    most one: the rest went to prefix tokens).
+    most one: the rest went to prefix tokens and, with a prompt adapter, to its
+    prompts, which sit between the prefix and the patches; see :func:`inserted_tokens`).
 
     Raises:
         LeukolabError: not a ViT, or a ViT without class/register tokens.
     """
     model.eval()
-    weights, _ = last_block_attention(model, x)
+    weights, _, n_out = _last_block(model, x)
     n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     if n_prefix == 0:
         raise LeukolabError("this ViT has no class or register tokens whose attention could be shown")
     B, H, N, _ = weights.shape
-    gh, gw = patch_grid(model, x, N - n_prefix)
-    maps = weights[:, :, :n_prefix, n_prefix:]  # (B, H, P, patches)
+    start = n_prefix + inserted_tokens(N, n_out)  # the first patch token: after the prefix and any prompts
+    gh, gw = patch_grid(model, x, N - start)
+    maps = weights[:, :, :n_prefix, start:]  # (B, H, P, patches)
     return maps.permute(0, 2, 1, 3).reshape(B, n_prefix, H, gh, gw).contiguous()
 
 

@@ -244,6 +244,18 @@ class CenterNet(Detector):
         self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100, nms_iou: float = 0.6
     ) -> list[dict[str, torch.Tensor]]:
         logits, dist = self(images)
+        return self.decode(logits, dist, images.shape[-2:], score_threshold, max_detections, nms_iou)
+
+    @torch.no_grad()
+    def decode(
+        self, logits: torch.Tensor, dist: torch.Tensor, image_hw: Sequence[int], score_threshold: float = 0.05,
+        max_detections: int = 100, nms_iou: float = 0.6,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Boxes of :meth:`forward`'s outputs (from torch or an exported ONNX model): peaks, boxes, class-wise NMS.
+
+        ``image_hw`` is the (padded) input's height and width; boxes are clipped to it.
+        """
+        images_h, images_w = int(image_hw[0]), int(image_hw[1])
         scores = logits.float().sigmoid()
         peaks = scores * (F.max_pool2d(scores, 3, stride=1, padding=1) == scores)  # CenterNet's 3x3 peak picking
         boxes = self._decode_boxes(dist.float())
@@ -255,8 +267,8 @@ class CenterNet(Detector):
             top, idx = top[keep], idx[keep]
             labels, pix = idx // (h * w), idx % (h * w)
             bx = boxes[i].reshape(4, -1)[:, pix].T
-            bx[:, 0::2] = bx[:, 0::2].clamp(0, images.shape[-1])
-            bx[:, 1::2] = bx[:, 1::2].clamp(0, images.shape[-2])
+            bx[:, 0::2] = bx[:, 0::2].clamp(0, images_w)
+            bx[:, 1::2] = bx[:, 1::2].clamp(0, images_h)
             kept = batched_nms(bx, top, labels, nms_iou)[:max_detections]
             out.append({"boxes": bx[kept], "scores": top[kept], "labels": labels[kept]})
         return out

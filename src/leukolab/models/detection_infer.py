@@ -27,6 +27,10 @@ from torchvision.ops import batched_nms
 from leukolab.data.detection.dataset import pad_images
 from leukolab.errors import LeukolabError
 from leukolab.models.detection import Detector
+from leukolab.models.detection_onnx import OnnxDetector
+
+#: what :func:`predict_field` runs: a torch detector or its ONNX Runtime twin
+AnyDetector = Detector | OnnxDetector
 
 
 @dataclass
@@ -83,14 +87,14 @@ def _to_tensor(image: np.ndarray, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run(detector: Detector, tiles: Sequence[torch.Tensor], score: float, max_det: int) -> list[dict[str, Any]]:
-    device = next(detector.parameters()).device
+def _run(detector: AnyDetector, tiles: Sequence[torch.Tensor], score: float, max_det: int) -> list[dict[str, Any]]:
+    device = next(detector.parameters()).device if isinstance(detector, torch.nn.Module) else torch.device("cpu")
     batch = pad_images(tiles, detector.stride).to(device)
     return detector.predict(batch, score_threshold=score, max_detections=max_det)
 
 
 def predict_field(
-    detector: Detector,
+    detector: AnyDetector,
     image: np.ndarray,
     scale: float,
     score_threshold: float | Sequence[float] = 0.3,
@@ -102,7 +106,7 @@ def predict_field(
     """Detections of one RGB uint8 ``image`` (H, W, 3) in its own pixels.
 
     Args:
-        detector: a trained detector in eval mode.
+        detector: a trained detector in eval mode, or an :class:`~leukolab.models.detection_onnx.OnnxDetector`.
         image: the field.
         scale: network pixels per image pixel (``img_size / field_size`` of the training data).
         score_threshold: keep detections scoring at least this (one value or one per class).

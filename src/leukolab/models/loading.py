@@ -15,33 +15,90 @@ whatever it names:
 The input normalisation travels with the weights: the spec's ``mean`` and
 ``std`` (leukolab's statistics for older leukolab checkpoints, ImageNet's for
 converted ones), ImageNet's for raw external files; ``norm`` overrides it.
-The ``embed`` and ``viz`` recipes resize every image whole to ``img_size``
-for every model, so features of different models see the same pixels; the
-spec's ``crop_pct`` centre crop (ImageNet's habit) is not applied.
-:attr:`LoadedBackbone.spec` keeps it for callers that want
-:func:`leukolab.data.transforms.release_eval_transform`.
+:meth:`LoadedBackbone.input_transform` is how ``embed`` and ``viz`` feed images: the
+weights' own evaluation recipe (:func:`leukolab.data.transforms.model_eval_transform`:
+the spec's ``crop_pct`` centre crop and interpolation when it records one, else the
+whole image resized to ``img_size``), or the whole image resized (``resize``).
+
+Asked to (``run_preprocessing``), a classifier run (``leukolab train``) is fed as ``evaluate`` / ``predict`` feed it
+(:class:`~leukolab.pipelines.predictors.RunPredictor`): its recorded image
+preprocessing -- cell-centred crop, stain normalisation with the reference stored in
+the run folder -- rebuilt by :func:`leukolab.data.preprocess.run_preprocess`, then the
+shrink to twice the run's image size, then the resize and normalisation
+(:class:`RunInput`). Converted and external checkpoints are fed as before.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
+from torchvision.transforms import v2
 
 from leukolab.checkpoints import BackboneSpec, load_checkpoint, resolve_checkpoint_path, tensors_of
-from leukolab.data.transforms import NORMALISATIONS, Normalisation, check_normalisation, mean_std
+from leukolab.data.dataset import shrink
+from leukolab.data.preprocess import fallback_count, option, run_preprocess
+from leukolab.data.transforms import NORMALISATIONS, Normalisation, check_normalisation, mean_std, model_eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.models.backbones import create_backbone, is_vit
 from leukolab.models.tokens import num_prefix_tokens, num_reg_tokens
 from leukolab.models.weights import backbone_spec_of, load_backbone_state
 
-__all__ = ["DEFAULT_RAW_IMG_SIZE", "LoadedBackbone", "describe_normalisation", "load_any_backbone", "reinitialise"]
+__all__ = ["DEFAULT_RAW_IMG_SIZE", "LoadedBackbone", "RunInput", "describe_normalisation", "load_any_backbone",
+           "reinitialise", "run_input"]
 
 #: image size of raw external checkpoints when none is given
 DEFAULT_RAW_IMG_SIZE = 224
+
+
+@dataclass
+class RunInput:
+    """A classifier run's image preparation before the resize, as ``evaluate`` / ``predict`` do it (PIL -> PIL).
+
+    ``preprocess``: the run's recorded preprocessing (:func:`leukolab.data.preprocess.run_preprocess`:
+    cell crop, stain normalisation; ``None`` when it records none); then the image is shrunk to
+    ``max_side`` (twice the run's image size), as :class:`~leukolab.pipelines.predictors.RunPredictor` does.
+    """
+
+    preprocess: Callable[[Image.Image], Image.Image] | None
+    max_side: int
+    description: str = "none"
+
+    @property
+    def fallbacks(self) -> int:
+        """Images in which the run's cell crop found no cell (they were used whole)."""
+        return fallback_count(self.preprocess)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        return shrink(self.preprocess(image) if self.preprocess is not None else image, self.max_side)
+
+
+def run_input(obj: Mapping[str, Any], run_dir: Path) -> RunInput | None:
+    """The :class:`RunInput` of a loaded classifier checkpoint (its ``config``'s ``data:`` options and the stain
+    normaliser stored in ``run_dir``); ``None`` for any other checkpoint (pretraining runs, converted or raw
+    weights), which keep the plain resize.
+
+    Raises:
+        LeukolabError: the run records stain normalisation but its ``stain_norm.yaml`` is missing or unreadable.
+    """
+    config = obj.get("config")
+    if obj.get("task") != "classification" or not isinstance(config, Mapping):
+        return None
+    data = config.get("data")
+    if not isinstance(data, Mapping) or not data.get("img_size"):
+        return None
+    cfg_data = dict(data)
+    steps = []
+    if str(option(cfg_data, "crop")).lower() == "cell":
+        steps.append(f"cell crop (margin {float(option(cfg_data, 'crop_margin')):g})")
+    if str(option(cfg_data, "stain_norm")).lower() != "none":
+        steps.append(f"{str(option(cfg_data, 'stain_norm')).lower()} stain normalisation")
+    return RunInput(run_preprocess(cfg_data, run_dir), 2 * int(cfg_data["img_size"]), ", ".join(steps) or "none")
 
 
 @dataclass
@@ -59,6 +116,8 @@ class LoadedBackbone:
         normalisation: a :data:`~leukolab.data.transforms.NORMALISATIONS` name or ``(mean, std)``.
         notes: things the user should know (resampled position embeddings ...).
         spec: the checkpoint's :class:`~leukolab.checkpoints.BackboneSpec` (``None`` for raw files).
+        run_input: a classifier run's image preparation as evaluate does it (:class:`RunInput`);
+            ``None`` for other checkpoints.
     """
 
     model: nn.Module
@@ -69,6 +128,7 @@ class LoadedBackbone:
     normalisation: Normalisation
     notes: list[str] = field(default_factory=list)
     spec: BackboneSpec | None = None
+    run_input: RunInput | None = None
 
     @property
     def vit(self) -> bool:
@@ -89,6 +149,18 @@ class LoadedBackbone:
     def norm_name(self) -> str:
         """The normalisation for messages: its name, or its mean and std."""
         return describe_normalisation(self.normalisation)
+
+    @property
+    def fallbacks(self) -> int:
+        """Images in which a run's cell crop found no cell so far (used whole; 0 without a cell crop)."""
+        return self.run_input.fallbacks if self.run_input is not None else 0
+
+    def input_transform(self, preprocess: str = "release") -> v2.Compose:
+        """PIL image -> model input tensor: a classifier run's :class:`RunInput` (its recorded cell crop and
+        stain normalisation, as ``evaluate`` applies them), then
+        :func:`~leukolab.data.transforms.model_eval_transform` (``preprocess``: ``release`` or ``resize``)."""
+        tf = model_eval_transform(self.img_size, self.normalisation, self.spec, preprocess)
+        return tf if self.run_input is None else v2.Compose([self.run_input, *tf.transforms])
 
 
 def describe_normalisation(norm: Normalisation) -> str:
@@ -162,6 +234,7 @@ def load_any_backbone(
     num_heads: int | None = None,
     norm: str | None = None,
     allow_pickle: bool = False,
+    run_preprocessing: bool = False,
 ) -> LoadedBackbone:
     """A headless backbone in eval mode, built for ``img_size``, and how to feed it.
 
@@ -176,10 +249,14 @@ def load_any_backbone(
             checkpoint's (see the module docstring).
         allow_pickle: read files that hold pickled Python objects (runs code
             from the file; only for trusted files).
+        run_preprocessing: for a classifier run, also rebuild its recorded image
+            preprocessing (:attr:`LoadedBackbone.run_input`, used by
+            :meth:`LoadedBackbone.input_transform`; ``embed`` and ``viz`` ask for it).
 
     Raises:
         LeukolabError: missing or unreadable file, unknown layout, weights
-            that do not fit, or an image size the ViT cannot take.
+            that do not fit, an image size the ViT cannot take, or (``run_preprocessing``)
+            a run whose stored stain normaliser is missing.
     """
     if img_size is not None and (isinstance(img_size, bool) or int(img_size) <= 0):
         raise LeukolabError(f"--img-size {img_size!r} must be a positive integer")
@@ -206,7 +283,10 @@ def load_any_backbone(
     if is_vit(backbone):
         _check_patch_multiple(backbone.patch_embed.patch_size, size, ckpt)
     backbone.eval()
-    return LoadedBackbone(backbone, size, kind, ckpt, name, norm or normalisation, notes, spec)
+    prepare = run_input(obj, ckpt.parent) if run_preprocessing else None
+    if prepare is not None and prepare.preprocess is not None:
+        notes.append(f"the run's image preprocessing applied as in evaluate: {prepare.description}")
+    return LoadedBackbone(backbone, size, kind, ckpt, name, norm or normalisation, notes, spec, prepare)
 
 
 def reinitialise(backbone: nn.Module, seed: int = 0) -> None:

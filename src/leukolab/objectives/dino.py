@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from leukolab.checkpoints import BackboneSpec
-from leukolab.data.multicrop import BatchedMultiCrop, MultiCropTransform
+from leukolab.data.multicrop import BatchedMultiCrop, MultiCropTransform, MultiCropViews
 from leukolab.errors import LeukolabError
 from leukolab.losses.dino_loss import DINOLoss
 from leukolab.losses.ibot_loss import IBOTPatchLoss
@@ -101,9 +101,10 @@ class DINOObjective(PretrainObjective):
         self._epoch_stats = [0.0, 0.0, 0]
         self._warned: set[str] = set()
         self.spec = describe_backbone(teacher, backbone, self.img_size, kwargs)
+        #: the multi-crop views of the ``dino:`` section, the one options object of both transforms
+        self.views = MultiCropViews(self.img_size, c.local_size, c.local_crops, c.global_scale, c.local_scale, c.jitter)
         # batched_crops: the dataset gives square images, the views are made here per batch (a plain attribute)
-        self.multicrop = BatchedMultiCrop(self.img_size, c.local_size, c.local_crops, c.global_scale, c.local_scale,
-                                          c.jitter) if c.batched_crops else None
+        self.multicrop = BatchedMultiCrop(self.views) if c.batched_crops else None
         # optimiser steps done / planned, saved so that a resumed run continues the schedules
         self.register_buffer("progress_steps", torch.zeros(2, dtype=torch.long))
 
@@ -113,11 +114,10 @@ class DINOObjective(PretrainObjective):
         With ``batched_crops`` both are :meth:`BatchedMultiCrop.base_transform` (square float images) and the
         views are made per batch in :meth:`_loss`, on the batch's device.
         """
-        c = self.config
         if self.multicrop is not None:
             base = self.multicrop.base_transform()
             return base, base
-        views = MultiCropTransform(self.img_size, c.local_size, c.local_crops, c.global_scale, c.local_scale, c.jitter)
+        views = MultiCropTransform(self.views)
         return views, views
 
     def current_teacher_temp(self) -> float:

@@ -8,6 +8,15 @@ fly). The networks live in :mod:`leukolab.models.mil`; the loss is
 cross-entropy (``torch.nn.functional.cross_entropy``, optionally class-weighted)
 plus, for aggregators that return expert logits (``moe``), ``aux_weight`` times
 the mean of the experts' own cross-entropies.
+
+With an ``adapter`` (:mod:`leukolab.models.adapters`, hooked into ``encoder``)
+the encoder stays frozen and in eval mode; gradients flow through it into the
+adapter, which trains with the aggregator. Checkpoints then carry the adapter
+as its own small ``adapter`` entry
+(:func:`~leukolab.models.adapters.state.adapter_record`) and reference the
+frozen encoder by its file (``encoder_init``) and SHA-256 instead of storing
+it; an encoder without a file (a seeded random timm model) is stored as
+``backbone``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from leukolab.checkpoints import BackboneSpec
+from leukolab.models.adapters import Adapter, count_parameters
+from leukolab.models.adapters.state import adapter_record, reference_backbone, weights_fingerprint
 from leukolab.models.mil import Aggregator, MILOutput
 from leukolab.models.tokens import pool_features
 from leukolab.objectives.base import Objective, StepOutput
@@ -47,6 +58,10 @@ class MILObjective(Objective):
             passes :func:`leukolab.evaluation.mil.mil_scorer`).
         extras: plain data stored in every checkpoint (aggregator name and options,
             clinical features, encoder source ...).
+        adapter: an adapter already hooked into ``encoder`` (``apply_adapter``, which froze the
+            encoder): the adapter trains, the encoder's weights do not (implies gradients through it).
+        encoder_init: the file the frozen encoder of an ``adapter`` was loaded from; checkpoints then
+            reference it instead of storing the encoder (``None``: they store it).
     """
 
     monitor = "val_loss"
@@ -64,11 +79,20 @@ class MILObjective(Objective):
         aux_weight: float = 0.5,
         scorer: Scorer | None = None,
         extras: dict[str, Any] | None = None,
+        adapter: Adapter | None = None,
+        encoder_init: str | None = None,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.encoder = encoder
-        self.train_encoder = bool(train_encoder and encoder is not None)
+        self.adapter = adapter
+        if adapter is not None and encoder is None:
+            raise ValueError("an adapter needs the encoder it is hooked into")
+        self.train_encoder = bool((train_encoder or adapter is not None) and encoder is not None)
+        self.encoder_init = encoder_init if adapter is not None else None
+        self.encoder_sha256 = weights_fingerprint(encoder.state_dict()) if adapter is not None else None
+        if adapter is not None and encoder_init:
+            reference_backbone(self, "encoder")  # the frozen weights stay in their file, not in every checkpoint
         self.encoder_spec = encoder_spec
         self.pool = pool
         if encoder is not None and not self.train_encoder:
@@ -80,9 +104,20 @@ class MILObjective(Objective):
 
     def train(self, mode: bool = True) -> MILObjective:
         super().train(mode)
-        if self.encoder is not None and not self.train_encoder:
-            self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+        if self.encoder is not None and (not self.train_encoder or self.adapter is not None):
+            self.encoder.eval()  # a frozen encoder keeps its statistics, no dropout (an adapter keeps its own mode)
         return self
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """History columns: ``trainable_params``, ``trainable_share`` (of everything the objective holds,
+        the encoder included) and ``adapter`` (its config, or ``none``)."""
+        trainable, total = count_parameters(self)
+        label = "none"
+        if self.adapter is not None:
+            cfg = self.adapter.config()
+            text = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in cfg.items() if k != "name"}
+            label = f"{cfg['name']}({', '.join(f'{k}={v}' for k, v in text.items())})"
+        return {"trainable_params": trainable, "trainable_share": trainable / max(1, total), "adapter": label}
 
     def encode(self, images: Tensor, mask: Tensor) -> Tensor:
         """``(B, N, 3, H, W)`` cell images -> ``(B, N, D)`` embeddings (zeros where padded)."""
@@ -129,11 +164,14 @@ class MILObjective(Objective):
         row = {"val_loss": F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()}
         if self.scorer is not None:
             row.update({f"val_{k}": v for k, v in self.scorer(y.numpy(), probs[:, 1].numpy()).items()})
+        if self.encoder is not None:  # end to end: history.csv records what trains (cached embeddings: the aggregator)
+            row.update(self.parameter_counts())
         return row
 
     def export_backbone(self) -> dict[str, Tensor] | None:
-        """The fine-tuned encoder (timm naming); ``None`` for a frozen or absent one."""
-        if not self.train_encoder or self.encoder is None:
+        """The fine-tuned encoder (timm naming); ``None`` for a frozen or absent one, and for the frozen
+        encoder of an adapter when its file is referenced (``encoder_init``)."""
+        if not self.train_encoder or self.encoder is None or self.encoder_init:
             return None
         return {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
@@ -141,4 +179,8 @@ class MILObjective(Objective):
         return self.encoder_spec if self.train_encoder else None
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"task": "mil", **self.extras}
+        extras: dict[str, Any] = {"task": "mil", **self.extras}
+        if self.adapter is not None and self.encoder is not None:
+            assert self.encoder_sha256 is not None
+            extras["adapter"] = adapter_record(self.adapter, self.encoder, self.encoder_init, self.encoder_sha256)
+        return extras

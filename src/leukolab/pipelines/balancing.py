@@ -3,7 +3,9 @@
 :func:`balance_mode` resolves the mode (``optim.class_weights: true`` is an alias of ``weights``),
 :func:`balanced_train_set` writes ``augment``'s copies into ``RUN/balanced/`` and returns the training
 set to read, and :func:`record_class_counts` writes ``class_counts.json`` (and ``.csv``): what the run
-trained on.
+trained on. When the run uses cell masks (``--crop cell``, ``--mask-aug``), a copy of an image with a mask
+file gets that mask under the copy's flip / rotation (``RUN/balanced/masks/``), and :func:`copy_masks`
+hands them to the run's :class:`~leukolab.data.image_options.ImageOptions` (instead of estimating them).
 The sampler of ``oversample`` is chosen by :func:`leukolab.training.loaders.build_loader`.
 """
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from leukolab.data.balance import augment_copies, check_balance_mode, class_counts, read_copies
+from leukolab.data.balance import augment_copies, check_balance_mode, class_counts, read_copies, read_copy_masks
+from leukolab.data.image_options import ImageOptions
 from leukolab.data.readers import LabelledImages
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.tables import write_table
@@ -25,7 +29,7 @@ from leukolab.training import distributed
 from leukolab.utils.files import write_text
 
 __all__ = ["BALANCED_DIR", "CLASS_COUNTS", "CLASS_COUNTS_CSV", "balance_mode", "balanced_train_set",
-           "record_class_counts"]
+           "copy_masks", "record_class_counts"]
 
 #: the folder of a run that holds ``--balance augment``'s copies
 BALANCED_DIR = "balanced"
@@ -57,7 +61,8 @@ def balanced_train_set(
     classes up to the majority count in ``RUN/balanced/`` (a resumed run reads the copies it wrote).
 
     ``augment`` creates the run folder (with ``tables``) first; a class without training images is
-    refused before anything is written.
+    refused before anything is written. When the run uses cell masks, each copy of an image with a mask
+    file carries that mask under the copy's geometric transform (:func:`copy_masks` reads them back).
     """
     if mode != "augment":
         return train
@@ -69,10 +74,20 @@ def balanced_train_set(
     if run.resumed and out.is_dir():
         paths, labels = read_copies(out)
         return LabelledImages([*train.paths, *paths], [*train.labels, *labels], list(class_names))
+    images = ImageOptions.for_run(run.cfg["data"], train.paths, run.seed)  # the mask files, when masks are used
+    masks = [images.mask_files.get(p) for p in train.paths] if images.mask_files else None
     paths, labels, _ = distributed.broadcast_from_main(
         lambda: augment_copies(train.paths, train.labels, out, run.seed, class_names=class_names,
-                               progress=progress))
+                               progress=progress, masks=masks))
     return LabelledImages(list(paths), list(labels), list(class_names))
+
+
+def copy_masks(run: Run) -> dict[Path, Path]:
+    """The mask file of each ``--balance augment`` copy of ``run`` written with one (copy path -> mask path;
+    empty without copies or masks): merged into the run's image options so copies are not estimated."""
+    if run.dir is None:
+        return {}
+    return read_copy_masks(run.dir / BALANCED_DIR)
 
 
 def record_class_counts(

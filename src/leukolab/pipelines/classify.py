@@ -38,7 +38,7 @@ from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.classifier import Classifier, build_classifier
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.objectives.classification import ClassificationObjective
-from leukolab.pipelines.balancing import balance_mode, balanced_train_set, record_class_counts
+from leukolab.pipelines.balancing import balance_mode, balanced_train_set, copy_masks, record_class_counts
 from leukolab.pipelines.lifecycle import Run, open_run
 from leukolab.registry import OBJECTIVES
 from leukolab.training import distributed
@@ -309,6 +309,7 @@ def train_classifier(
     mode, tables = balance_mode(cfg), {"splits.csv": splits_table(splits)}
     train_set = balanced_train_set(run, splits.train, splits.class_names, mode, tables, cfg["train"]["progress"])
     images = image_options(run, train_set.paths, splits.train.paths, tables)
+    images.mask_files.update(copy_masks(run))  # --balance augment copies carry their source's transformed mask
     train_loader = make_loader(
         train_set, splits.class_names, d["img_size"], d["batch_size"], train=True, augment=d["augment"],
         min_samples=int(d.get("min_samples_per_epoch") or 0), balance=mode == "oversample", images=images,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torchvision.transforms import v2
 
 import leukolab.objectives  # noqa: F401 - registers the built-in objectives
 from leukolab.checkpoints import load_run_state
@@ -33,7 +34,12 @@ from leukolab.data.detection import (
     is_detection_layout,
     read_detection,
 )
-from leukolab.data.detection.transforms import detection_eval_transform, detection_train_transform
+from leukolab.data.detection.transforms import (
+    Mosaic,
+    detection_eval_transform,
+    detection_train_post,
+    detection_train_transform,
+)
 from leukolab.data.splits import stratified_split
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.detection import (
@@ -49,19 +55,22 @@ from leukolab.evaluation.tables import write_table
 from leukolab.models import detection as _detectors  # noqa: F401 - registers the detectors
 from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.detection import Detector
-from leukolab.models.detection_infer import FieldPrediction, TileSpec, check_tiles, predict_field
+from leukolab.models.detection_infer import AnyDetector, FieldPrediction, TileSpec, check_tiles, predict_field
+from leukolab.models.detection_onnx import OnnxDetector, export_onnx, require_onnxruntime
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.pipelines.lifecycle import open_run
 from leukolab.registry import DETECTORS, OBJECTIVES
 from leukolab.training.loaders import build_loader
 from leukolab.training.loop import pick_device
-from leukolab.utils.files import atomic_folder
+from leukolab.utils.files import atomic_folder, write_bytes
 from leukolab.utils.runs import unique_child
 
 __all__ = [
     "detection_stats",
     "evaluate_detector",
+    "export_detector",
     "is_detection_layout",
+    "load_backend",
     "load_detector",
     "predict_detector",
     "synth_smears",
@@ -188,6 +197,9 @@ def _prepare(cfg: dict[str, Any]) -> None:
     d["path"] = str(Path(d["path"]).resolve())
     if int(d["img_size"]) < 64 or int(d["img_size"]) % 32:
         raise LeukolabError(f"--img-size {d['img_size']}: expected a multiple of 32, at least 64")
+    mosaic = cfg.get("augment", {}).get("mosaic", 0.0)
+    if not isinstance(mosaic, (int, float)) or not 0.0 <= float(mosaic) <= 1.0:
+        raise LeukolabError(f"--mosaic {mosaic}: expected a probability in [0, 1] (0 = off)")
     DETECTORS.get(m["detector"])  # unknown names fail before anything is read
     if m.get("init"):
         m["init"] = str(Path(m["init"]).resolve())
@@ -229,7 +241,12 @@ def train_detector(
                                          a.get("stain", 0.0))
     collate = functools.partial(detection_collate, size_divisible=detector.stride)
     kw = dict(num_workers=d["num_workers"], seed=run.seed, collate_fn=collate)
-    train_loader = build_loader(DetectionDataset(train, train_tf, data.classes), d["batch_size"], train=True, **kw)
+    mosaic = None
+    if float(a.get("mosaic", 0.0)) > 0:  # runs made before the option have no key: off
+        post = v2.Compose(detection_train_post(a["flips"], a["rot90"], a["color"], a["hue"], a.get("stain", 0.0)))
+        mosaic = Mosaic(size, float(a["mosaic"]), tuple(a["scale"]), post)
+    train_loader = build_loader(DetectionDataset(train, train_tf, data.classes, mosaic=mosaic), d["batch_size"],
+                                train=True, **kw)
     val_loader = build_loader(DetectionDataset(val, detection_eval_transform(size), data.classes), d["batch_size"],
                               train=False, **kw)
     table = pd.DataFrame({"path": [str(it.image) for it in data.items],
@@ -253,6 +270,43 @@ def load_detector(run: Path | str, device: torch.device | None = None) -> tuple[
     meta = {k: state.get(k) for k in ("classes", "detector", "detector_kwargs", "img_size", "field_size",
                                       "largest_box", "config", "epoch")}
     return detector.to(device).eval(), meta
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def load_backend(run: Path | str, backend: str = "torch") -> tuple[AnyDetector, dict[str, Any]]:
+    """A run's detector for inference: the torch model, or (``backend="onnx"``) its network in ONNX Runtime.
+
+    The ONNX model is exported in memory from the run's weights (well under a second; nothing is
+    written); ``leukolab detect export`` writes it to a file for use elsewhere.
+    """
+    if backend not in BACKENDS:
+        raise LeukolabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return load_detector(run)
+    require_onnxruntime()  # before loading anything: the missing extra is the likelier problem
+    detector, meta = load_detector(run, torch.device("cpu"))
+    return OnnxDetector(detector), meta
+
+
+def export_detector(run: Path | str, out: Path | str, opset: int = 17) -> Path:
+    """Write a run's centernet network as an ONNX file ``out`` (a new file; uint8 NCHW input ``images``).
+
+    Outputs ``heatmap`` (B, K, H/4, W/4) logits and ``distances`` (B, 4, H/4, W/4) in input pixels;
+    the model's ``metadata_props`` hold the classes, ``img_size``, ``field_size`` and the strides.
+    """
+    out = Path(out)
+    if out.exists():
+        raise LeukolabError(f"{out} exists; expected a new file name (results are never overwritten)")
+    detector, meta = load_detector(run, torch.device("cpu"))
+    size = int(meta["img_size"])
+    hw = (-(-size * 3 // 4 // detector.stride) * detector.stride, size)
+    data = export_onnx(detector, hw, opset, metadata={
+        "classes": list(meta["classes"]), "img_size": size, "field_size": meta.get("field_size"),
+        "largest_box": meta.get("largest_box"), "detector": meta["detector"], "run": str(Path(run).resolve()),
+    })
+    return write_bytes(out, data)
 
 
 def _tiles(meta: dict[str, Any], tile_size: int | None, overlap: int | None) -> TileSpec:
@@ -283,16 +337,17 @@ def _thresholds(classes: list[str], score: float, class_scores: dict[str, float]
 
 def evaluate_detector(
     run: Path | str, data: Path | str | None = None, out: Path | str | None = None, score: float = 0.3,
-    class_scores: dict[str, float] | None = None, tile: bool = False, examples: int = 4,
+    class_scores: dict[str, float] | None = None, tile: bool = False, examples: int = 4, backend: str = "torch",
 ) -> Path:
     """COCO-style evaluation of a run on ``data`` (default: the run's validation fields); returns the folder.
 
     Writes ``metrics.json`` (``ap50``, ``ap50_95`` per class, ``map50``, ``map50_95``,
     precision / recall / counts at ``score``), ``pr_<class>.png`` and ``examples/*.png``
     (ground truth left, predictions right) into a new folder (``RUN/eval``, ``RUN/eval-2`` ...).
+    ``backend``: ``torch`` or ``onnx`` (ONNX Runtime, the ``onnx`` extra; see :func:`load_backend`).
     """
     run = Path(run)
-    detector, meta = load_detector(run)
+    detector, meta = load_backend(run, backend)
     classes = meta["classes"]
     if data is None:
         test, where = _val_fields(run, meta), "validation fields of the run (used to pick best.pt)"
@@ -318,8 +373,8 @@ def evaluate_detector(
     m = coco_metrics(gts, preds, classes, thr if class_scores else score)
     out_dir = unique_child(run if run.is_dir() else run.parent, "eval") if out is None else unique_child(
         Path(out).parent, Path(out).name)
-    write_metrics({**m.to_dict(), "data": where, "run": str(run), "tiled": bool(tile)}, out_dir / "metrics.json",
-                  "COCO-style detection metrics")
+    write_metrics({**m.to_dict(), "data": where, "run": str(run), "tiled": bool(tile), "backend": backend},
+                  out_dir / "metrics.json", "COCO-style detection metrics")
     for c, curve in m.pr_curves.items():
         plot_pr_curve(curve, out_dir / f"pr_{c.replace(' ', '_')}.png", f"{c}: precision-recall (IoU 0.5)", m.ap50[c])
     for i, image in enumerate(images):
@@ -345,17 +400,18 @@ def _val_fields(run: Path, meta: dict[str, Any]) -> DetectionData:
 def predict_detector(
     run: Path | str, inputs: Sequence[Path | str], out: Path | str, score: float = 0.3,
     class_scores: dict[str, float] | None = None, tile: bool = False, tile_size: int | None = None,
-    overlap: int | None = None, draw: bool = True,
+    overlap: int | None = None, draw: bool = True, backend: str = "torch",
 ) -> Path:
     """Detect cells in image files / folders; writes a new folder ``out`` and returns it.
 
     ``out`` holds ``boxes.csv`` (image, class, score, x1, y1, x2, y2), ``results.json``
     (COCO results: image_id, category_id, bbox, score; ids in ``images.json``), ``counts.csv``
-    (cells of each class per image) and ``annotated/<image>.png``.
+    (cells of each class per image) and ``annotated/<image>.png``. ``backend``: ``torch`` or
+    ``onnx`` (ONNX Runtime, the ``onnx`` extra; same boxes up to float rounding, see :func:`load_backend`).
     """
     from leukolab.data.readers import expand_image_inputs
 
-    detector, meta = load_detector(run)
+    detector, meta = load_backend(run, backend)
     classes = meta["classes"]
     paths = expand_image_inputs(inputs)
     require_readable(paths, show_progress=False)

@@ -7,7 +7,10 @@ row is the class token (``cls``), the mean of the patch tokens (``mean``) or
 both concatenated (``both``) of a ViT's tokens after a chosen block (see
 :func:`leukolab.models.tokens.pool_features`); other backbones give their
 pooled features. Images are resized and normalised the way the model was
-trained (its checkpoint's statistics), unless ``norm`` says otherwise.
+trained (its checkpoint's statistics), unless ``norm`` says otherwise; a
+classifier run's images first get the run's recorded preprocessing (cell crop,
+stain normalisation) exactly as ``evaluate`` applies it
+(:meth:`~leukolab.models.loading.LoadedBackbone.input_transform`).
 
 Under ``torchrun --nproc_per_node N`` (or several nodes) each rank embeds its
 :func:`~leukolab.training.distributed.shard` of the images and rank 0 merges
@@ -166,7 +169,7 @@ def embed_dataset(
     model_eval_transform(8, "leukolab", None, opts.preprocess)  # a bad --preprocess fails before any work
     images = collect_sources(data, labels=opts.labels)
     loaded = load_any_backbone(model, opts.img_size, num_heads=opts.num_heads, norm=opts.norm,
-                               allow_pickle=opts.allow_pickle)
+                               allow_pickle=opts.allow_pickle, run_preprocessing=True)
     backbone, notes = loaded.model, loaded.notes
     if opts.random_init:
         reinitialise(backbone, opts.seed)
@@ -185,8 +188,9 @@ def embed_dataset(
     part = embed_paths(backbone, mine, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
                        final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
                        show_progress=opts.show_progress and distributed.is_main(),
-                       transform=model_eval_transform(loaded.img_size, loaded.normalisation, loaded.spec,
-                                                      opts.preprocess)) if mine else np.zeros((0, 0), np.float32)
+                       transform=loaded.input_transform(opts.preprocess)) if mine else np.zeros((0, 0), np.float32)
+    if loaded.fallbacks:
+        notes.append(f"{loaded.fallbacks} image(s) had no cell found by the run's cell crop; used whole")
     rows = distributed.gather_shards(list(part), len(images.paths))
     if rows is None:  # not rank 0: rank 0 writes
         return None

@@ -103,6 +103,7 @@ class Run:
         tables: Mapping[str, pd.DataFrame] | None = None,
         meta: Mapping[str, Any] | None = None,
         callbacks: Sequence[EpochCallback] = (),
+        curves: bool = True,
     ) -> Trainer:
         """Train ``objective`` in this run's folder and draw ``curves.png``; returns the Trainer.
 
@@ -110,6 +111,8 @@ class Run:
         a resumed run continues from its ``last.pt``. Every checkpoint stores the
         config (``config``) and ``meta``. ``trainer_config`` defaults to the
         config's ``optim``/``train`` sections; ``callbacks`` run after every epoch.
+        ``curves=False`` skips drawing ``curves.png`` (many short fits in one run, e.g. cross-validation
+        folds, where matplotlib would cost more than the training).
         """
         run_dir = self.create(tables)
         config = trainer_config or TrainerConfig.from_config(self.cfg)
@@ -119,7 +122,8 @@ class Run:
         trainer.fit(train_loader, val_loader)
         if distributed.is_main():  # drawn from the whole history, so a resumed run's figure loses nothing
             record(run_dir, "history.csv", "history", "training history, one row per epoch")
-            plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
+            if curves:
+                plot_curves(pd.DataFrame(trainer.history), run_dir / "curves.png", title=run_dir.name)
         return trainer
 
 

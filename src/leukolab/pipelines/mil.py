@@ -7,7 +7,11 @@ embeddings plus clinical features, through the one run lifecycle
 (:func:`leukolab.pipelines.lifecycle.open_run`) and the one Trainer, with the
 :class:`~leukolab.objectives.mil.MILObjective`. With ``encoder.finetune`` the
 objective holds the encoder too and trains end to end on ``cells_per_bag``
-cells drawn from each bag per step.
+cells drawn from each bag per step; with ``encoder.adapter`` as well (a ViT
+encoder) the encoder stays frozen and an adapter of
+:mod:`leukolab.models.adapters` trains with the aggregator (options in
+``encoder.adapter_kwargs.<name>``), the checkpoints keeping the small adapter
+and referencing the encoder's file.
 
 ``train_mil`` fits one model on all the patients it is given (a validation part
 carved out by patient picks the best epoch); with ``cv.folds`` it also
@@ -52,13 +56,15 @@ from leukolab.evaluation.mil import attention_frame, mil_metrics, mil_scorer, pl
 from leukolab.evaluation.plots import plot_confusion_matrix
 from leukolab.evaluation.report import write_report
 from leukolab.evaluation.tables import write_table
+from leukolab.models.adapters import Adapter, apply_adapter, load_adapter, parameter_summary
+from leukolab.models.backbones import is_vit
 from leukolab.models.mil import build_aggregator
 from leukolab.objectives.mil import MILObjective
 from leukolab.pipelines.lifecycle import Run, open_run
 from leukolab.pipelines.mil_encoder import Encoder, embed_cohort, load_encoder
-from leukolab.registry import AGGREGATORS, OBJECTIVES
+from leukolab.registry import ADAPTERS, AGGREGATORS, OBJECTIVES
 from leukolab.training.loaders import build_loader
-from leukolab.training.loop import Trainer, TrainerConfig, move_to, pick_device
+from leukolab.training.loop import TrainerConfig, move_to, pick_device
 from leukolab.utils.runs import unique_child
 
 __all__ = [
@@ -109,6 +115,11 @@ def _prepare(cfg: dict[str, Any]) -> None:
         enc["model"] = str(Path(enc["model"]).resolve())
     if enc["cache"]:
         enc["cache"] = str(Path(enc["cache"]).resolve())
+    if enc.get("adapter"):
+        if not enc["finetune"]:
+            raise LeukolabError(f"--adapter {enc['adapter']} trains through the encoder; expected it with "
+                                "--finetune-encoder (cached embeddings train the aggregator only)")
+        ADAPTERS.get(enc["adapter"])  # an unknown name fails before any work
     folds, repeats = int(cfg["cv"]["folds"] or 0), int(cfg["cv"]["repeats"])
     if folds == 1 or folds < 0 or repeats < 1:
         raise LeukolabError(f"--folds {folds} / --repeats {repeats}: expected folds 0 (none) or >= 2, repeats >= 1")
@@ -169,6 +180,28 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(w * 2 / w.sum(), dtype=torch.float32)
 
 
+def adapter_options(cfg: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(encoder.adapter, its options from encoder.adapter_kwargs.<name>)``; ``(None, {})`` without one."""
+    enc = cfg["encoder"]
+    name = enc.get("adapter")
+    if not name or not enc.get("finetune"):
+        return None, {}
+    return str(name), dict(((enc.get("adapter_kwargs") or {}).get(name)) or {})
+
+
+def adapt_encoder(encoder: Encoder, name: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Adapter]:
+    """``(a frozen copy of encoder.model with the adapter hooked in, the adapter)``.
+
+    Raises:
+        LeukolabError: the encoder is not a timm ViT, or an adapter option is out of range.
+    """
+    if not is_vit(encoder.model):
+        raise LeukolabError(f"--adapter {name} needs a ViT encoder; {encoder.source} is a "
+                            f"{type(encoder.model).__name__} (fine-tune it whole with --finetune-encoder alone)")
+    model = copy.deepcopy(encoder.model)
+    return model, apply_adapter(model, name, **options)
+
+
 def build_objective(
     cfg: dict[str, Any], data: BagData, train_idx: np.ndarray, aggregator: str, features: tuple[str, ...],
     encoder: Encoder,
@@ -188,11 +221,16 @@ def build_objective(
     extras = {"aggregator": aggregator, "aggregator_options": options, "in_dim": encoder.dim,
               "clinical_features": list(features), "encoder": encoder.describe(), "class_names": list(CLASS_NAMES),
               "finetuned": finetune}
+    name, adapter_kw = adapter_options(cfg)
+    model, adapter = copy.deepcopy(encoder.model) if finetune else None, None
+    if name:
+        model, adapter = adapt_encoder(encoder, name, adapter_kw)
     return OBJECTIVES.build(
-        "mil", aggregator=agg, encoder=copy.deepcopy(encoder.model) if finetune else None, train_encoder=finetune,
+        "mil", aggregator=agg, encoder=model, train_encoder=finetune,
         encoder_spec=encoder.spec, pool=encoder.pool,
         class_weights=class_weights(data.labels[train_idx]) if o["class_weights"] else None,
         aux_weight=float(o["aux_weight"]), scorer=mil_scorer, extras=extras,
+        adapter=adapter, encoder_init=encoder.source if adapter is not None and encoder.kind != "timm" else None,
     )
 
 
@@ -236,8 +274,8 @@ def fit_fold(
     returns the objective with the best weights loaded.
 
     ``curves=False`` (cross-validation folds, whose folder ``run.dir`` already
-    exists) runs the Trainer as :meth:`Run.fit` does, without drawing
-    ``curves.png``: matplotlib costs more than a fold's training.
+    exists) skips drawing ``curves.png``: matplotlib costs more than a fold's
+    training. Either way the fold trains through :meth:`Run.fit`.
     """
     finetune = bool(cfg["encoder"]["finetune"])
     objective = build_objective(cfg, data, train_idx, aggregator, features, encoder)
@@ -246,14 +284,11 @@ def fit_fold(
                           train=True, seed=run.seed)
     val_loader = loader(dataset(data, val_idx, cfg, train=False, features=features, encoder=enc), cfg,
                         train=False, seed=run.seed)
-    if curves:
-        trainer = run.fit(objective, train_loader, val_loader, trainer_config=trainer_config, tables=tables)
-    else:
-        assert run.dir is not None
-        trainer = Trainer(objective, trainer_config or TrainerConfig.from_config(cfg), run.dir, meta={"config": cfg})
-        if run.resumed:
-            trainer.resume(run.dir / "last.pt")
-        trainer.fit(train_loader, val_loader)
+    if curves:  # the main run (cross-validation folds stay quiet)
+        print(f"trainable parameters: {parameter_summary(objective)}"
+              + (f", adapter {objective.adapter.config()}" if objective.adapter is not None else ""), flush=True)
+    trainer = run.fit(objective, train_loader, val_loader, trainer_config=trainer_config, tables=tables,
+                      curves=curves)
     assert run.dir is not None
     best = run.dir / "best.pt"
     if best.is_file():
@@ -289,6 +324,9 @@ def train_mil(
     enc_cfg = cfg["encoder"]
     encoder = load_encoder(enc_cfg["model"], enc_cfg["img_size"], enc_cfg["norm"], enc_cfg["pool"], run.seed,
                            allow_pickle)
+    name, adapter_kw = adapter_options(cfg)
+    if name:  # a CNN encoder or a bad adapter option fails before any embedding (the probe is removed again)
+        adapt_encoder(encoder, name, adapter_kw)[1].remove()
     device = pick_device(cfg["train"]["device"])
     runs = Path(resume).parent if resume is not None else Path(out) if out is not None else None
     if runs is None:
@@ -305,7 +343,8 @@ def train_mil(
                          tables={"patients.csv": table})
     assert run.dir is not None
     if not (run.dir / "val_metrics.json").exists():
-        val = predict(objective, dataset(data, val_idx, cfg, train=False), cfg, device)
+        images = encoder if cfg["encoder"]["finetune"] else None  # a trained encoder embeds the cells anew
+        val = predict(objective, dataset(data, val_idx, cfg, train=False, encoder=images), cfg, device)
         write_metrics({**mil_metrics(data.labels[val_idx], val.probability), "patients": len(val_idx)},
                       run.dir / "val_metrics.json", "validation patients")
         write_table(_prediction_frame(cohort.subset(val_idx), val), run.dir / "val_predictions.csv",
@@ -321,7 +360,11 @@ def train_mil(
 def load_mil_run(
     run: Path | str, allow_pickle: bool = False, device: torch.device | None = None
 ) -> tuple[MILObjective, Encoder, dict[str, Any]]:
-    """The trained objective of a ``mil train`` run (``best.pt``), its encoder and config."""
+    """The trained objective of a ``mil train`` run (``best.pt``), its encoder and config.
+
+    The encoder is rebuilt from what the run names (``encoder.model``); an adapter run's frozen encoder
+    must still hold the weights the adapter was trained on (same SHA-256), and gets the adapter hooked in.
+    """
     state = load_run_state(run, "mil", "mil train")
     cfg = state["config"]
     e = state["encoder"]
@@ -332,12 +375,31 @@ def load_mil_run(
     agg = build_aggregator(state["aggregator"], int(state["in_dim"]), len(state["clinical_features"]),
                            **state["aggregator_options"])
     finetuned = bool(state.get("finetuned"))
+    record = state.get("adapter") if isinstance(state.get("adapter"), dict) else None
+    adapter = None
+    if record:
+        adapter = _restore_adapter(encoder, record, state.get("backbone"))
     objective = MILObjective(agg, encoder.model if finetuned else None, train_encoder=finetuned, pool=encoder.pool,
-                             extras={k: state[k] for k in ("aggregator", "clinical_features")})
+                             extras={k: state[k] for k in ("aggregator", "clinical_features")}, adapter=adapter,
+                             encoder_init=record.get("init") if record else None)
     objective.load_state_dict(state["objective"])
     device = device or pick_device(cfg["train"].get("device", "auto"))
     return objective.to(device).eval(), encoder, {**cfg, "_state": {"clinical_features": state["clinical_features"],
                                                                     "finetuned": finetuned}}
+
+
+def _restore_adapter(encoder: Encoder, record: dict[str, Any], stored: dict[str, torch.Tensor] | None) -> Adapter:
+    """Hook a saved adapter into ``encoder.model`` (its stored frozen weights loaded first, when the run kept
+    them), after checking that the encoder holds the weights the adapter was trained on."""
+    from leukolab.models.adapters.state import weights_fingerprint
+
+    if stored:
+        encoder.model.load_state_dict(dict(stored))
+    want = record.get("backbone_sha256")
+    if want and weights_fingerprint(encoder.model.state_dict()) != want:
+        raise LeukolabError(f"encoder {encoder.source} holds other weights than the run's {record['config']['name']} "
+                            "adapter was trained on (SHA-256 differs); expected the unchanged encoder file")
+    return load_adapter(encoder.model, record["config"], record.get("state"))
 
 
 def _prediction_frame(cohort: Cohort, pred: Predictions) -> pd.DataFrame:
@@ -362,8 +424,11 @@ def _apply(
     cohort = read_cohort(data, clinical, reference_date(cfg), require_labels=require_labels)
     device = next(objective.parameters()).device
     enc = cfg["encoder"]
-    cache = enc.get("cache") or run.parent / ".mil-cache"
-    feats = embed_cohort(cohort, encoder, cache, int(enc["batch_size"]), device, progress)
+    if cfg["_state"]["finetuned"]:  # the run's own (trained or adapted) encoder embeds the images: nothing cached
+        feats = [torch.zeros(len(p.cells), 0) for p in cohort.patients]
+    else:
+        cache = enc.get("cache") or run.parent / ".mil-cache"
+        feats = embed_cohort(cohort, encoder, cache, int(enc["batch_size"]), device, progress)
     clin = tuple(cfg["_state"]["clinical_features"])
     bag = BagData.of(cohort, feats, clin)
     everyone = np.arange(len(cohort))

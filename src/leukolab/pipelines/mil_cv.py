@@ -4,7 +4,8 @@ clinical-only logistic regression, in the same folds.
 For each repeat ``r`` (seed ``seed + r``) the patients are split into ``k``
 stratified folds (:func:`leukolab.data.mil.patient_folds`). In fold ``f`` each
 method trains on the other folds -- a stratified fifth of them held out by
-patient to pick the best epoch -- through the one Trainer, in its own folder
+patient to pick the best epoch -- through :meth:`~leukolab.pipelines.lifecycle.Run.fit` (the one
+Trainer; no ``curves.png`` per fold), in its own folder
 ``cv/<method>/r<r>-f<f>/``, and predicts the patients of fold ``f``. A fold
 folder with ``predictions.csv`` is done and is skipped when the run is resumed;
 one with only ``last.pt`` resumes.
@@ -110,8 +111,9 @@ def cross_validate(run: Run, data: BagData, encoder: Encoder) -> pd.DataFrame:
                 fold_run = Run("mil", cfg, seed, resumed, name=folder.name, dir=folder)
                 objective = fit_fold(fold_run, cfg, data, tr, va, aggregator, features, encoder, trainer_config,
                                      curves=False)
-                prob = predict(objective, dataset(data, test, cfg, train=False, features=features), cfg,
-                               device).probability
+                images = encoder if cfg["encoder"]["finetune"] else None  # a trained encoder embeds anew
+                prob = predict(objective, dataset(data, test, cfg, train=False, features=features, encoder=images),
+                               cfg, device).probability
                 write_table(pd.DataFrame({"patient": [data.cohort.ids[i] for i in test], "label": y[test],
                                           "probability": prob}), done, f"{method}: predictions of fold {f}")
                 results.append((method, prob))

@@ -2,10 +2,10 @@
 
 The web app (:mod:`leukolab.pipelines.serve_app`) only moves bytes; everything a page or an API client sees is
 computed here with the functions of ``leukolab smear analyse``: the detector and classifiers load with
-:func:`~leukolab.pipelines.smear._load_detector` / :func:`~leukolab.pipelines.smear.load_classifiers`, each
-field goes through :meth:`~leukolab.pipelines.smear._Analyser.analyse_image` (the very code ``analyse_smears``
+:func:`~leukolab.pipelines.smear.load_smear_detector` / :func:`~leukolab.pipelines.smear.load_classifiers`, each
+field goes through :meth:`~leukolab.pipelines.smear.SmearAnalyser.analyse_image` (the very code ``analyse_smears``
 runs on each file), and the files of the downloadable zip are written by ``smear analyse``'s own writer
-(:func:`~leukolab.pipelines.smear._write_outputs`: ``cells.csv``, ``differential.csv``, ``differential.png``,
+(:func:`~leukolab.pipelines.smear.write_outputs`: ``cells.csv``, ``differential.csv``, ``differential.png``,
 ``summary.json``) plus ``annotated/<image>.png``.
 
 Uploads are checked before any model sees them (:func:`check_upload`: byte size, format, pixel count from the

@@ -3,9 +3,10 @@
 :class:`Service` holds what a server shares between requests: the runs found under the runs folder
 (:func:`~leukolab.pipelines.serve_runs.discover_runs`), the loaded models (:class:`~leukolab.pipelines.serve.
 ModelCache`), the zips of recent results and the background jobs whose progress the page polls. Each field
-is analysed by :meth:`leukolab.pipelines.smear._Analyser.analyse_image` (``mode="fields"``), or classified
+is analysed by :meth:`leukolab.pipelines.smear.SmearAnalyser.analyse_image` (``mode="fields"``), or classified
 whole as one cell (``mode="cells"``: single-cell crops, no detector); the result folder is written by
-``smear analyse``'s writer, so ``differential.csv`` here and there are the same function of the same cells.
+``smear analyse``'s writer (:func:`~leukolab.pipelines.smear.write_outputs`), so ``differential.csv`` here and
+there are the same function of the same cells.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ from leukolab.pipelines.serve import (
 )
 from leukolab.pipelines.serve_runs import RunInfo, discover_runs
 from leukolab.pipelines.smear import (
+    CellAnalyser,
     FieldResult,
+    SmearAnalyser,
     SmearOptions,
-    _Analyser,
-    _annotated_names,
-    _load_detector,
-    _write_outputs,
+    annotated_names,
     cells_frame,
     load_classifiers,
+    load_smear_detector,
+    write_outputs,
 )
 from leukolab.training.loop import pick_device
 from leukolab.utils.files import atomic_folder, write_bytes
@@ -82,7 +84,8 @@ class Choice:
 
 
 class _CellsAnalyser:
-    """Single-cell crops: each image is one cell whose box is the whole image (no detector, no score)."""
+    """Single-cell crops: each image is one cell whose box is the whole image (no detector, no score); a
+    :class:`~leukolab.pipelines.smear.CellAnalyser`."""
 
     cell_name = "whole image (single-cell crops)"
 
@@ -208,16 +211,16 @@ class Service:
         return detector, classifiers
 
     # ----------------------------------------------------------------- analysis
-    def _models(self, detector: RunInfo | None, classifiers: list[RunInfo], choice: Choice) -> _Analyser | Any:
+    def _models(self, detector: RunInfo | None, classifiers: list[RunInfo], choice: Choice) -> CellAnalyser:
         paths = [r.path for r in classifiers]
         predictor = self.models.get(("classifiers", tuple(map(str, paths)), choice.tta),
                                     lambda: load_classifiers(paths, choice.tta, self.device))
         options = SmearOptions(score=choice.score, tta=choice.tta, device=str(self.device), progress=False)
         if detector is None:
             return _CellsAnalyser(predictor, options)
-        det, meta = self.models.get(("detector", str(detector.path)), lambda: _load_detector(detector.path,
-                                                                                                self.device))
-        return _Analyser(det, meta, predictor, options)
+        det, meta = self.models.get(("detector", str(detector.path)), lambda: load_smear_detector(detector.path,
+                                                                                                     self.device))
+        return SmearAnalyser(det, meta, predictor, options)
 
     def analyse(self, batch: Batch, choice: Choice,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -242,7 +245,7 @@ class Service:
                                            analyser.predictor))
             if progress is not None:
                 progress(i + 1, len(batch.paths))
-        annotated = _annotated_names([Path(n) for n in batch.names])
+        annotated = annotated_names([Path(n) for n in batch.names])
         det_label = str(detector.path) if detector is not None else "none (single-cell crops)"
         cls_labels = [str(r.path) for r in classifiers]
 
@@ -250,7 +253,7 @@ class Service:
             for r, a in zip(results, annotated, strict=True):
                 if r.png is not None:
                     write_bytes(root / "annotated" / a, r.png)
-            _write_outputs(root, results, [Path(n) for n in batch.names], annotated, analyser, det_label,
+            write_outputs(root, results, [Path(n) for n in batch.names], annotated, analyser, det_label,
                            cls_labels, 1, time.perf_counter() - t0, None)
 
         out = atomic_folder(batch.folder / "results", fill)

@@ -17,6 +17,12 @@ writes.
 ``leukolab smear mine-background`` (:func:`mine_background`) writes crops of
 what is *not* a white cell -- detections that overlap no annotated white cell,
 and random squares away from them -- for ``leukolab train --background DIR``.
+
+The parts ``analyse_smears`` is made of are public for other front ends
+(``leukolab serve``): :func:`load_smear_detector` and :func:`load_classifiers`
+load the models, :class:`SmearAnalyser` analyses one field
+(:meth:`SmearAnalyser.analyse_image`), and :func:`write_outputs` writes the
+result folder from the :class:`FieldResult` list of any :class:`CellAnalyser`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -66,7 +72,8 @@ from leukolab.training import distributed
 from leukolab.training.loop import pick_device
 from leukolab.utils.files import atomic_folder, write_bytes
 
-__all__ = ["FieldResult", "SmearOptions", "analyse_smears", "load_classifiers", "mine_background"]
+__all__ = ["CellAnalyser", "FieldResult", "SmearAnalyser", "SmearOptions", "analyse_smears", "annotated_names",
+           "cells_frame", "load_classifiers", "load_smear_detector", "mine_background", "write_outputs"]
 
 #: fields each rank analyses between two merges on rank 0 (bounds the memory of gathered annotated PNGs)
 BLOCK = 8
@@ -126,7 +133,9 @@ class FieldResult:
 
 
 # --------------------------------------------------------------------------- models
-def _load_detector(run: Path | str, device: torch.device) -> tuple[Detector, dict[str, Any]]:
+def load_smear_detector(run: Path | str, device: torch.device) -> tuple[Detector, dict[str, Any]]:
+    """The detector of a ``leukolab detect train`` run on ``device`` and its metadata
+    (:func:`leukolab.pipelines.detect.load_detector`); a bad run is a one-line ``--detector RUN: ...`` error."""
     try:
         return load_detector(run, device)
     except LeukolabError as exc:
@@ -150,8 +159,31 @@ def load_classifiers(paths: Sequence[Path | str], tta: bool = False, device: tor
     return EnsemblePredictor(predictors, weights, names, ", ".join(str(p) for p in paths))
 
 
-class _Analyser:
-    """Detect, crop and classify one field at a time."""
+class CellAnalyser(Protocol):
+    """What :func:`write_outputs` and ``leukolab serve`` need of an analyser: the classifier's ``classes``,
+    the name of the cells it classifies (``cell_name``), its ``options`` and ``predictor``, the crops of boxes
+    in an image, and one analysed image. :class:`SmearAnalyser` is one; ``serve``'s single-cell mode another."""
+
+    classes: list[str]
+    cell_name: str
+    options: SmearOptions
+    predictor: Predictor
+
+    def crops(self, image: np.ndarray, boxes: np.ndarray) -> list[Image.Image]:
+        """The crops the classifier sees of ``boxes`` (N, 4) in the RGB ``image`` (H, W, 3 uint8)."""
+        ...
+
+    def analyse_image(self, name: str, image: np.ndarray) -> FieldResult:
+        """Cells, scores and class probabilities of the decoded RGB ``image`` labelled ``name``."""
+        ...
+
+
+class SmearAnalyser:
+    """Detect, crop and classify one field at a time: ``detector`` and its ``meta`` (from
+    :func:`load_smear_detector`), the classifier ``predictor`` (:func:`load_classifiers`) and ``options``.
+
+    Keeps the detector's white-cell class (``options.cell_class`` or the detected default, :attr:`cell`,
+    named :attr:`cell_name`) above ``options.score``; :attr:`classes` are the classifier's classes."""
 
     def __init__(self, detector: Detector, meta: dict[str, Any], predictor: Predictor, options: SmearOptions):
         self.detector, self.meta, self.predictor, self.options = detector, meta, predictor, options
@@ -164,11 +196,14 @@ class _Analyser:
         self.classes = list(predictor.class_names)
 
     def crops(self, image: np.ndarray, boxes: np.ndarray) -> list[Image.Image]:
+        """Square crops around ``boxes`` (N, 4) with ``options.margin``, padded by ``options.pad``."""
         fill = field_fill(image) if self.options.pad == "median" else None
         return [Image.fromarray(crop_square(image, square_around(b, self.options.margin), self.options.pad, fill))
                 for b in boxes]
 
     def field(self, path: Path) -> FieldResult:
+        """:meth:`analyse_image` of the image file ``path`` (timed with its decoding); an unreadable file is a
+        result with ``error`` set, not an exception."""
         start = time.perf_counter()
         try:
             image = np.asarray(load_rgb(path))
@@ -218,7 +253,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
                             "with image, box and type columns") from None
 
 
-def _annotated_names(paths: Sequence[Path]) -> list[str]:
+def annotated_names(paths: Sequence[Path]) -> list[str]:
+    """The ``annotated/`` file name of each field: ``<stem>.png``, or ``<index>_<stem>.png`` when stems repeat."""
     if len({p.stem for p in paths}) < len(paths):
         return [f"{i:05d}_{p.stem}.png" for i, p in enumerate(paths)]
     return [f"{p.stem}.png" for p in paths]
@@ -262,10 +298,10 @@ def analyse_smears(
     if problem:
         raise LeukolabError(problem)
     device = pick_device(options.device)
-    det, meta = _load_detector(detector, device)
+    det, meta = load_smear_detector(detector, device)
     predictor = load_classifiers(list(classifiers), options.tta, device)
-    analyser = _Analyser(det, meta, predictor, options)
-    names = _annotated_names(paths)
+    analyser = SmearAnalyser(det, meta, predictor, options)
+    names = annotated_names(paths)
     world = distributed.world_size()
 
     def work(root: Path | None) -> None:
@@ -291,7 +327,7 @@ def analyse_smears(
         finally:
             bar.close()
         if root is not None:
-            _write_outputs(root, results, paths, names, analyser, detector, classifiers, world,
+            write_outputs(root, results, paths, names, analyser, detector, classifiers, world,
                            time.perf_counter() - t0, truth)
 
     if distributed.is_main():
@@ -300,10 +336,17 @@ def analyse_smears(
     return None
 
 
-def _write_outputs(
-    root: Path, results: list[FieldResult], paths: Sequence[Path], names: Sequence[str], analyser: _Analyser,
+def write_outputs(
+    root: Path, results: list[FieldResult], paths: Sequence[Path], names: Sequence[str], analyser: CellAnalyser,
     detector: Path | str, classifiers: Sequence[Path | str], world: int, wall: float, truth: Path | None,
 ) -> None:
+    """Write ``smear analyse``'s tables into the folder ``root``: ``cells.csv``, ``differential.csv`` and
+    ``.png``, ``summary.json`` and, with a ``truth`` CSV, the comparison files (see :func:`analyse_smears`).
+
+    ``results`` of the fields ``paths`` (in order) by ``analyser``; ``names``: their ``annotated/`` file names
+    (:func:`annotated_names`; the PNGs themselves are written by the caller); ``detector`` / ``classifiers``:
+    labels recorded in the summary; ``world``: processes; ``wall``: seconds the analysis took.
+    """
     classes = analyser.classes
     cells = cells_frame(results, classes)
     images = [str(p) for p in paths]
@@ -367,7 +410,7 @@ def mine_background(
     if not sides:
         raise LeukolabError(f"{data}: no {wbc!r} boxes; expected annotated white cells to stay clear of")
     side = max(1, round(float(np.median(sides))))
-    det, meta = _load_detector(detector, pick_device("auto"))
+    det, meta = load_smear_detector(detector, pick_device("auto"))
     classes = list(meta["classes"])
     stems = [it.image.stem for it in ds.items]
     unique = len(set(stems)) == len(stems)

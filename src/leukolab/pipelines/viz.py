@@ -3,7 +3,10 @@
 Figures are drawn by :mod:`leukolab.evaluation.attention` and
 :mod:`leukolab.evaluation.umap_plot`; these recipes read the inputs, check
 the outputs before any work is done (nothing is overwritten) and feed the
-images through the model the way it was trained.
+images through the model the way it was trained -- a classifier run's images
+with its recorded preprocessing (cell crop, stain normalisation) as ``evaluate``
+applies it (:meth:`~leukolab.models.loading.LoadedBackbone.input_transform`); the
+figures show the images as the model saw them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from leukolab.data.embed import load_image_batch
 from leukolab.data.readers import expand_image_inputs
-from leukolab.data.transforms import denormalise, model_eval_transform
+from leukolab.data.transforms import denormalise
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.attention import attention_maps, pca_rgb, plot_attention_grid, plot_pca_grid
 from leukolab.evaluation.features import load_features
@@ -67,7 +70,7 @@ def embedding_map(
 
 def _load_vit(model: Path | str, opts: ViewOptions, what: str) -> LoadedBackbone:
     loaded = load_any_backbone(model, opts.img_size, num_heads=opts.num_heads, norm=opts.norm,
-                               allow_pickle=opts.allow_pickle)
+                               allow_pickle=opts.allow_pickle, run_preprocessing=True)
     if not loaded.vit:
         raise LeukolabError(f"{what} needs a Vision Transformer; {loaded.checkpoint} holds {loaded.name}")
     return loaded
@@ -108,8 +111,7 @@ def attention_figures(
     names = prefix_token_names(loaded.model)
     written = []
     for start, chunk in _batches(paths, opts.batch_size):
-        x = load_image_batch(chunk, loaded.img_size, loaded.normalisation,
-                             model_eval_transform(loaded.img_size, loaded.normalisation, loaded.spec))
+        x = load_image_batch(chunk, loaded.img_size, loaded.normalisation, loaded.input_transform())
         maps = attention_maps(loaded.model, x)
         for i, p in enumerate(chunk):
             written.append(plot_attention_grid(
@@ -142,8 +144,7 @@ def pca_figure(
     loaded = _load_vit(model, opts, "PCA of patch features")
     feats, shown = [], []
     for _, chunk in _batches(paths, opts.batch_size):
-        x = load_image_batch(chunk, loaded.img_size, loaded.normalisation,
-                             model_eval_transform(loaded.img_size, loaded.normalisation, loaded.spec))
+        x = load_image_batch(chunk, loaded.img_size, loaded.normalisation, loaded.input_transform())
         feats.append(patch_features(loaded.model, x))
         shown += [denormalise(img, loaded.normalisation) for img in x]
     rgb, _ = pca_rgb(torch.cat(feats), threshold)

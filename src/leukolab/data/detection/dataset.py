@@ -27,13 +27,19 @@ Target = dict[str, Any]
 
 
 class DetectionDataset(Dataset):
-    """``(uint8 image tensor, target)`` pairs of a :class:`DetectionData`, in ``classes`` order."""
+    """``(uint8 image tensor, target)`` pairs of a :class:`DetectionData`, in ``classes`` order.
+
+    With ``mosaic`` (a :class:`~leukolab.data.detection.transforms.Mosaic`), an item is, with the
+    mosaic's probability, that field and three random others in one canvas (``mosaic`` then does
+    the whole augmentation and ``transform`` is skipped; ``scale`` is NaN for such items).
+    """
 
     def __init__(
         self,
         data: DetectionData,
         transform: Callable[..., Any] | None = None,
         classes: Sequence[str] | None = None,
+        mosaic: Any = None,
     ) -> None:
         self.items = list(data.items)
         self.classes = list(classes or data.classes)
@@ -47,11 +53,13 @@ class DetectionDataset(Dataset):
                 )
             self.labels.append(np.array([index[c] for c in item.labels], dtype=np.int64))
         self.transform = transform
+        self.mosaic = mosaic
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+    def raw(self, i: int) -> tuple[tv_tensors.Image, Target]:
+        """Item ``i`` untransformed: a ``tv_tensors.Image`` and ``{"boxes": BoundingBoxes, "labels"}``."""
         item = self.items[i]
         arr = np.asarray(load_rgb(item.image))
         h, w = arr.shape[:2]
@@ -61,15 +69,26 @@ class DetectionDataset(Dataset):
         boxes = tv_tensors.BoundingBoxes(
             torch.as_tensor(item.boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(h, w)
         )
-        target: Target = {"boxes": boxes, "labels": torch.from_numpy(self.labels[i])}
-        if self.transform is not None:
-            image, target = self.transform(image, target)
-        out_h, out_w = image.shape[-2:]
+        return image, {"boxes": boxes, "labels": torch.from_numpy(self.labels[i])}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+        # p = 0 draws no random number, so a run without mosaic sees the same augmentation stream as before
+        if self.mosaic is not None and self.mosaic.p > 0 and float(torch.rand(())) < self.mosaic.p:
+            others = [int(j) for j in torch.randint(len(self), (3,))]
+            image, target = self.mosaic([self.raw(j) for j in (i, *others)])
+            scale: tuple[float, float] = (float("nan"), float("nan"))
+        else:
+            image, target = self.raw(i)
+            h, w = image.shape[-2:]
+            if self.transform is not None:
+                image, target = self.transform(image, target)
+            out_h, out_w = image.shape[-2:]
+            scale = (out_w / w, out_h / h)
         return image.as_subclass(torch.Tensor), {
             "boxes": target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4),
             "labels": target["labels"].long(),
             "index": i,
-            "scale": (out_w / w, out_h / h),
+            "scale": scale,
         }
 
 
