@@ -170,6 +170,7 @@ def test_every_packaged_preset_is_a_valid_train_config() -> None:
     best = resolve("train", None, {"preset": "pbc-best"})
     assert (best["model"]["backbone"], best["data"]["img_size"], best["train"]["epochs"]) == ("resnet18", 64, 15)
     assert (best["optim"]["lr"], best["mix"]["mixup"], best["mix"]["cutmix"]) == (1e-3, 0.0, 0.0)
+    assert best["data"]["crop"] == "cell"
     other = resolve("train", None, {"preset": "other-lab"})["data"]
     assert (other["crop"], other["stain_norm"], other["mask_aug"]) == ("cell", "reinhard", 0.3)
 
