@@ -10,10 +10,10 @@ import torch
 
 from leukolab.cli.main import main
 from leukolab.data.dataset import load_rgb
-from leukolab.data.synthetic import make_wbc_dataset
 from leukolab.data.transforms import eval_transform
 from leukolab.evaluation.features import load_features
 from leukolab.models.loading import load_any_backbone
+from test_robust_pipeline import train_cell_crop_run  # the same tiny cell-crop run as the robustness tests
 
 torch.set_num_threads(1)
 
@@ -21,16 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def stain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-epoch resnet10t run with --crop cell --stain-norm reinhard on 32-px synthetic cells (a few seconds)."""
-    from leukolab.pipelines.classify import train_classifier
-
-    data = make_wbc_dataset(tmp_path_factory.mktemp("wbc") / "data", 6, size=32, seed=0, difficulty=0.2,
-                            progress=False)
-    return train_classifier(tmp_path_factory.mktemp("runs"), overrides={
-        "data.path": str(data), "data.img_size": 32, "data.batch_size": 8, "model.backbone": "resnet10t",
-        "model.drop_path": 0.0, "optim.warmup_epochs": 0, "train.epochs": 1, "train.progress": False,
-        "train.device": "cpu", "data.check_images": False, "seed": 0, "data.crop": "cell",
-        "data.stain_norm": "reinhard",
-    })
+    return train_cell_crop_run(tmp_path_factory)
 
 
 def _images(run: Path) -> list[Path]:

@@ -114,19 +114,23 @@ def test_an_empty_given_mask_stops_a_cell_crop_naming_the_image(tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- a trained run
-@pytest.fixture(scope="module")
-def robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-epoch run with --crop cell --stain-norm reinhard --mask-aug 0.5 --stain-aug 0.5 on 32-px cells."""
+def train_cell_crop_run(factory: pytest.TempPathFactory, **data_options: object) -> Path:
+    """A 1-epoch resnet10t run with --crop cell --stain-norm reinhard (plus ``data_options``) on 32-px cells."""
     from leukolab.pipelines.classify import train_classifier
 
-    data = make_wbc_dataset(tmp_path_factory.mktemp("wbc") / "data", 6, size=32, seed=0, difficulty=0.2,
-                            progress=False)
-    return train_classifier(tmp_path_factory.mktemp("runs"), overrides={
+    data = make_wbc_dataset(factory.mktemp("wbc") / "data", 6, size=32, seed=0, difficulty=0.2, progress=False)
+    return train_classifier(factory.mktemp("runs"), overrides={
         "data.path": str(data), "data.img_size": 32, "data.batch_size": 8, "model.backbone": "resnet10t",
         "model.drop_path": 0.0, "optim.warmup_epochs": 0, "train.epochs": 1, "train.progress": False,
         "train.device": "cpu", "data.check_images": False, "seed": 0, "data.crop": "cell",
-        "data.stain_norm": "reinhard", "data.mask_aug": 0.5, "data.stain_aug": 0.5, "data.mask_bg": "mixed",
+        "data.stain_norm": "reinhard", **{f"data.{k}": v for k, v in data_options.items()},
     })
+
+
+@pytest.fixture(scope="module")
+def robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch run with --crop cell --stain-norm reinhard --mask-aug 0.5 --stain-aug 0.5 on 32-px cells."""
+    return train_cell_crop_run(tmp_path_factory, mask_aug=0.5, stain_aug=0.5, mask_bg="mixed")
 
 
 def _manual_probs(run: Path, paths: list[Path], preprocess: bool = True) -> np.ndarray:

@@ -61,15 +61,9 @@ class Classifier(nn.Module):
 
     def parameter_counts(self) -> dict[str, Any]:
         """History columns: ``trainable_params``, ``trainable_share`` and ``adapter`` (its config, or ``none``)."""
-        from leukolab.models.adapters import count_parameters
+        from leukolab.models.adapters import parameter_columns
 
-        trainable, total = count_parameters(self)
-        label = "none"
-        if self.adapter is not None:
-            cfg = self.adapter.config()
-            text = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in cfg.items() if k != "name"}
-            label = f"{cfg['name']}({', '.join(f'{k}={v}' for k, v in text.items())})"
-        return {"trainable_params": trainable, "trainable_share": trainable / max(1, total), "adapter": label}
+        return parameter_columns(self, self.adapter)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from leukolab.checkpoints import BackboneSpec
-from leukolab.models.adapters import Adapter, count_parameters
+from leukolab.models.adapters import Adapter, parameter_columns
 from leukolab.models.adapters.state import adapter_record, reference_backbone, weights_fingerprint
 from leukolab.models.mil import Aggregator, MILOutput
 from leukolab.models.tokens import pool_features
@@ -111,13 +111,7 @@ class MILObjective(Objective):
     def parameter_counts(self) -> dict[str, Any]:
         """History columns: ``trainable_params``, ``trainable_share`` (of everything the objective holds,
         the encoder included) and ``adapter`` (its config, or ``none``)."""
-        trainable, total = count_parameters(self)
-        label = "none"
-        if self.adapter is not None:
-            cfg = self.adapter.config()
-            text = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in cfg.items() if k != "name"}
-            label = f"{cfg['name']}({', '.join(f'{k}={v}' for k, v in text.items())})"
-        return {"trainable_params": trainable, "trainable_share": trainable / max(1, total), "adapter": label}
+        return parameter_columns(self, self.adapter)
 
     def encode(self, images: Tensor, mask: Tensor) -> Tensor:
         """``(B, N, 3, H, W)`` cell images -> ``(B, N, D)`` embeddings (zeros where padded)."""

@@ -34,7 +34,7 @@ from torch import nn
 from leukolab.errors import LeukolabError
 from leukolab.models.adapters import adaptformer, bottleneck, lora, prompt  # noqa: F401 - register the adapters
 from leukolab.models.adapters.adaptformer import AdaptFormer
-from leukolab.models.adapters.base import Adapter, count_parameters, parameter_summary
+from leukolab.models.adapters.base import Adapter, count_parameters, parameter_columns, parameter_summary
 from leukolab.models.adapters.bottleneck import BottleneckAdapter
 from leukolab.models.adapters.lora import LoRA
 from leukolab.models.adapters.prompt import PromptTuning
@@ -49,6 +49,7 @@ __all__ = [
     "apply_adapter",
     "count_parameters",
     "load_adapter",
+    "parameter_columns",
     "parameter_summary",
 ]
 

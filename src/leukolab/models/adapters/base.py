@@ -55,6 +55,18 @@ def parameter_summary(module: nn.Module) -> str:
     return f"{trainable:,} of {total:,} parameters trainable ({100.0 * trainable / max(1, total):.2f} %)"
 
 
+def parameter_columns(module: nn.Module, adapter: Adapter | None) -> dict[str, Any]:
+    """History columns of a model that may hold an adapter: ``trainable_params``, ``trainable_share`` (of all of
+    ``module``'s parameters) and ``adapter`` (``name(option=value, ...)``, or ``none``)."""
+    trainable, total = count_parameters(module)
+    label = "none"
+    if adapter is not None:
+        cfg = adapter.config()
+        text = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in cfg.items() if k != "name"}
+        label = f"{cfg['name']}({', '.join(f'{k}={v}' for k, v in text.items())})"
+    return {"trainable_params": trainable, "trainable_share": trainable / max(1, total), "adapter": label}
+
+
 class Adapter(nn.Module):
     """Trainable parameters hooked into a frozen timm ViT.
 
