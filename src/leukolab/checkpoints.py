@@ -175,6 +175,8 @@ def load_checkpoint(path: Path | str, *, allow_pickle: bool = False) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
         first = (str(exc).splitlines() or [""])[0]
         raise LeukolabError(f"cannot read checkpoint {path} ({exc.__class__.__name__}: {first})") from None
+    except Exception:  # the weights-only unpickler fails on other bytes (text, ONNX ...) with e.g. KeyError
+        raise LeukolabError(f"cannot read checkpoint {path}: not a torch.save file, or corrupt") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # the explicit --allow-pickle opt-in
     except Exception as exc:  # arbitrary unpickling failures

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from leukolab.cli.app import ALLOW_PICKLE_HELP, app
+from leukolab.cli.app import (
+    ALLOW_PICKLE_HELP,
+    AdapterOptions,
+    LoraAlpha,
+    LoraRank,
+    LoraTargets,
+    PromptDeep,
+    PromptTokens,
+    app,
+)
 from leukolab.errors import LeukolabError
 
 TTA_HELP = ("Average the probabilities over the 8 flips/90-degree rotations (default: an ensemble's own "
@@ -52,13 +61,11 @@ def train(
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="Freeze the ViT backbone and train an adapter + the head: lora, prompt, bottleneck "
         "or adaptformer (options: 'adapter:' section of --config)."),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 8)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale alpha / rank (default 16)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets",
-                                               help="Linear layers of each block (default qkv,proj)."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt tokens (default 10)."),
-    prompt_deep: Optional[bool] = typer.Option(None, "--prompt-deep/--prompt-shallow",
-                                               help="Prompts at every block (deep) or at the input (shallow)."),
+    lora_rank: LoraRank = None,
+    lora_alpha: LoraAlpha = None,
+    lora_targets: LoraTargets = None,
+    prompt_tokens: PromptTokens = None,
+    prompt_deep: PromptDeep = None,
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights"),
     balance: Optional[str] = typer.Option(
         None, "--balance", help="Class balancing: none, weights (= --class-weights), oversample (class-balanced "
@@ -103,6 +110,7 @@ def train(
     from leukolab.config import preset_label
     from leukolab.pipelines.classify import train_classifier
 
+    adapter_options = AdapterOptions(lora_rank, lora_alpha, lora_targets, prompt_tokens, prompt_deep)
     overrides = {
         "data.path": str(data) if data is not None else None, "data.img_size": img_size,
         "data.label_fraction": label_fraction, "data.batch_size": batch_size, "data.check_images": check_images,
@@ -112,8 +120,7 @@ def train(
         "optim.layer_decay": layer_decay,
         "optim.grad_accum": grad_accum, "optim.class_weights": class_weights, "train.epochs": epochs,
         "train.device": device, "train.keep_last": keep_last, "seed": seed, "adapter.name": adapter,
-        "adapter.lora.rank": lora_rank, "adapter.lora.alpha": lora_alpha, "adapter.lora.targets": lora_targets,
-        "adapter.prompt.tokens": prompt_tokens, "adapter.prompt.deep": prompt_deep,
+        **adapter_options.overrides("adapter"),
         "mix.mixup": mixup, "mix.cutmix": cutmix, "mix.prob": mix_prob, "data.fold": fold,
         "data.background": str(background) if background is not None else None,
         "data.masks": str(masks) if masks is not None else None, "data.crop": crop, "data.crop_margin": crop_margin,
@@ -140,11 +147,7 @@ def train(
                                     "each fed at its own input size; expected one of them")
         if freeze_backbone is False:
             raise LeukolabError("--train-backbone and --fuse: fusion encoders stay frozen; expected one of them")
-    for option, value, needs in (("--lora-rank", lora_rank, "lora"), ("--lora-alpha", lora_alpha, "lora"),
-                                 ("--lora-targets", lora_targets, "lora"), ("--prompt-tokens", prompt_tokens, "prompt"),
-                                 ("--prompt-deep", prompt_deep, "prompt")):
-        if value is not None and adapter is not None and adapter != needs:
-            raise LeukolabError(f"{option} applies to --adapter {needs}, not --adapter {adapter}")
+    adapter_options.check(adapter, require_adapter=config is None and preset is None and resume is None)
     if resume is not None:
         overrides["data.path"] = None if data is None else str(Path(data).resolve())
         for key, path in (("data.background", background), ("data.folds_file", folds_file), ("data.masks", masks),

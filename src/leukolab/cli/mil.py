@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from leukolab.cli.app import ALLOW_PICKLE_HELP, add_group
+from leukolab.cli.app import (
+    ALLOW_PICKLE_HELP,
+    AdapterOptions,
+    LoraAlpha,
+    LoraRank,
+    LoraTargets,
+    PromptDeep,
+    PromptTokens,
+    add_group,
+)
 from leukolab.cli.synth import synth_app
 from leukolab.errors import LeukolabError
 
@@ -42,13 +51,11 @@ def mil_train(
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="With --finetune-encoder and a ViT encoder: keep it frozen and train an adapter + "
         "the aggregator: lora, prompt, bottleneck or adaptformer (options: encoder.adapter_kwargs of --config)."),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 8)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale alpha / rank (default 16)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets",
-                                               help="Linear layers of each block (default qkv,proj)."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt tokens (default 10)."),
-    prompt_deep: Optional[bool] = typer.Option(None, "--prompt-deep/--prompt-shallow",
-                                               help="Prompts at every block (deep) or at the input (shallow)."),
+    lora_rank: LoraRank = None,
+    lora_alpha: LoraAlpha = None,
+    lora_targets: LoraTargets = None,
+    prompt_tokens: PromptTokens = None,
+    prompt_deep: PromptDeep = None,
     cells_per_bag: Optional[int] = typer.Option(None, "--cells-per-bag",
                                                 help="Fine-tuning: cells drawn per bag and step (default 16)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Encoder input size (default: the encoder's)."),
@@ -66,15 +73,14 @@ def mil_train(
     """Train a patient-level model on cached cell embeddings (and cross-validate with --folds)."""
     from leukolab.pipelines.mil import train_mil
 
+    adapter_options = AdapterOptions(lora_rank, lora_alpha, lora_targets, prompt_tokens, prompt_deep)
     overrides = {
         "data.bags": _path(bags), "data.clinical": _path(clinical), "data.batch_size": batch_size,
         "data.reference_date": reference_date,
         "encoder.model": _path(Path(encoder)) if encoder and Path(encoder).exists() else encoder,
         "encoder.img_size": img_size, "encoder.finetune": finetune_encoder, "encoder.adapter": adapter,
         "encoder.cells_per_bag": cells_per_bag,
-        "encoder.adapter_kwargs.lora.rank": lora_rank, "encoder.adapter_kwargs.lora.alpha": lora_alpha,
-        "encoder.adapter_kwargs.lora.targets": lora_targets, "encoder.adapter_kwargs.prompt.tokens": prompt_tokens,
-        "encoder.adapter_kwargs.prompt.deep": prompt_deep,
+        **adapter_options.overrides("encoder.adapter_kwargs"),
         "model.aggregator": aggregator,
         "model.clinical_features": None if clinical_features is None else [
             f for f in clinical_features.split(",") if f.strip() and f.strip().lower() != "none"],
@@ -84,11 +90,11 @@ def mil_train(
     }
     if resume is None and bags is None and config is None:
         raise LeukolabError("no BAGS given; expected one folder of cell images per patient")
-    for option, value, needs in (("--lora-rank", lora_rank, "lora"), ("--lora-alpha", lora_alpha, "lora"),
-                                 ("--lora-targets", lora_targets, "lora"), ("--prompt-tokens", prompt_tokens, "prompt"),
-                                 ("--prompt-deep", prompt_deep, "prompt")):
-        if value is not None and adapter is not None and adapter != needs:
-            raise LeukolabError(f"{option} applies to --adapter {needs}, not --adapter {adapter}")
+    adapter_options.check(adapter, require_adapter=config is None and resume is None,  # else silently unused
+                          hint="--finetune-encoder ")
+    if cells_per_bag is not None and not finetune_encoder and config is None and resume is None:
+        raise LeukolabError(f"--cells-per-bag {cells_per_bag} applies to fine-tuning; expected it with "
+                            "--finetune-encoder (without it the aggregator trains on cached embeddings)")
     run_dir = train_mil(out, config, overrides, resume=resume, allow_pickle=allow_pickle)
     typer.echo(f"run folder: {run_dir}")
     table = run_dir / "cv_table.md"

@@ -29,6 +29,25 @@ from leukolab.models.detection import CenterNet, Detector
 INSTALL_HINT = "pip install 'leukolab[onnx]'"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("heatmap", "distances")
+#: opsets the export accepts: 11 is the oldest that holds the network's ops (dynamic-size resize, ceil-mode
+#: pooling), the newest is torch's own limit
+MIN_OPSET = 11
+
+
+def max_opset() -> int:
+    """The newest ONNX opset this torch can export (20 where torch does not say)."""
+    try:
+        from torch.onnx import _constants  # private: may move in a later torch
+    except ImportError:
+        return 20
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if the export supports it, else a one-line :class:`LeukolabError` naming the range."""
+    if not MIN_OPSET <= int(opset) <= max_opset():
+        raise LeukolabError(f"--opset {opset}: expected an ONNX opset from {MIN_OPSET} to {max_opset()} (e.g. 17)")
+    return int(opset)
 
 
 def _require(module: str, what: str) -> Any:
@@ -67,6 +86,7 @@ def export_onnx(
         metadata: extra ``key: value`` pairs stored in the model's ``metadata_props`` (values JSON-encoded).
     """
     net = _centernet(detector)
+    check_opset(opset)
     _require("onnx", "ONNX export")
     import onnx
 
@@ -84,6 +104,10 @@ def export_onnx(
                 output_names=list(OUTPUT_NAMES),
                 dynamic_axes={INPUT_NAME: dims, OUTPUT_NAMES[0]: dims, OUTPUT_NAMES[1]: dims},
             )
+    except RuntimeError as exc:  # an op this opset cannot express (torch.onnx errors are RuntimeErrors)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise LeukolabError(f"ONNX export with opset {opset} failed ({type(exc).__name__}: {first}); "
+                            f"expected it to work with the default opset 17") from None
     finally:
         net.to(device).train(was_training)
     model = onnx.load_model_from_string(buffer.getvalue())
@@ -123,6 +147,27 @@ class OnnxDetector:
             where = "the exported model" if isinstance(source, bytes) else source
             raise LeukolabError(f"{where}: not a loadable ONNX model ({type(exc).__name__}); "
                                 "expected a file written by leukolab detect export") from None
+        if model is not None:
+            self._check_model("the given ONNX model" if isinstance(model, bytes) else str(model))
+
+    def _check_model(self, where: str) -> None:
+        """Refuse a given model whose inputs / outputs or recorded classes and strides are not this detector's."""
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
+            raise LeukolabError(f"{where}: inputs {inputs} / outputs {outputs} are not a leukolab centernet's; "
+                                f"expected input {INPUT_NAME!r}, outputs {', '.join(OUTPUT_NAMES)} "
+                                "(a file written by leukolab detect export)")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        want = {"num_classes": self.num_classes, "stride": self.stride, "out_stride": self.detector.out_stride}
+        for key, value in want.items():
+            try:
+                found = json.loads(meta[key]) if key in meta else None
+            except ValueError:
+                found = meta[key]
+            if found is not None and found != value:
+                raise LeukolabError(f"{where}: exported from another model ({key} {found}, this run's {value}); "
+                                    "expected the file leukolab detect export wrote from this run")
 
     def forward_numpy(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bare network: uint8 ``(B, 3, H, W)`` -> heatmap logits and side distances (px), as arrays."""

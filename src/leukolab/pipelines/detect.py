@@ -56,7 +56,7 @@ from leukolab.models import detection as _detectors  # noqa: F401 - registers th
 from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.detection import Detector
 from leukolab.models.detection_infer import AnyDetector, FieldPrediction, TileSpec, check_tiles, predict_field
-from leukolab.models.detection_onnx import OnnxDetector, export_onnx, require_onnxruntime
+from leukolab.models.detection_onnx import OnnxDetector, check_opset, export_onnx, require_onnxruntime
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.pipelines.lifecycle import open_run
 from leukolab.registry import DETECTORS, OBJECTIVES
@@ -260,6 +260,9 @@ def train_detector(
 # --------------------------------------------------------------------------- loading and applying a run
 def load_detector(run: Path | str, device: torch.device | None = None) -> tuple[Detector, dict[str, Any]]:
     """The trained detector of a run folder or checkpoint (``best.pt``, weights only) and its checkpoint entries."""
+    if Path(run).suffix.lower() == ".onnx":
+        raise LeukolabError(f"{run} is an ONNX file; expected the leukolab detect train run folder (--backend onnx "
+                            "runs that run's network in ONNX Runtime itself)")
     state = load_run_state(run, "detection", "detect train")
     classes = list(state["classes"])
     detector = DETECTORS.build(state["detector"], num_classes=len(classes), img_size=state["img_size"],
@@ -299,6 +302,9 @@ def export_detector(run: Path | str, out: Path | str, opset: int = 17) -> Path:
     out = Path(out)
     if out.exists():
         raise LeukolabError(f"{out} exists; expected a new file name (results are never overwritten)")
+    if out.suffix.lower() != ".onnx":
+        raise LeukolabError(f"--out {out}: expected a new file name ending in .onnx")
+    check_opset(opset)  # before the run is loaded
     detector, meta = load_detector(run, torch.device("cpu"))
     size = int(meta["img_size"])
     hw = (-(-size * 3 // 4 // detector.stride) * detector.stride, size)

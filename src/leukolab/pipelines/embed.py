@@ -19,6 +19,7 @@ the rows in input order and writes the same file one process writes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,10 +186,12 @@ def embed_dataset(
     if not images.paths:
         raise LeukolabError("no images to embed")
     mine = distributed.shard(images.paths)
-    part = embed_paths(backbone, mine, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
-                       final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
-                       show_progress=opts.show_progress and distributed.is_main(),
-                       transform=loaded.input_transform(opts.preprocess)) if mine else np.zeros((0, 0), np.float32)
+    with warnings.catch_warnings():  # images kept whole are counted in a note below, not warned one by one
+        warnings.filterwarnings("ignore", message=".*no cell found", category=UserWarning)
+        part = embed_paths(backbone, mine, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
+                           final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
+                           show_progress=opts.show_progress and distributed.is_main(),
+                           transform=loaded.input_transform(opts.preprocess)) if mine else np.zeros((0, 0), np.float32)
     if loaded.fallbacks:
         notes.append(f"{loaded.fallbacks} image(s) had no cell found by the run's cell crop; used whole")
     rows = distributed.gather_shards(list(part), len(images.paths))

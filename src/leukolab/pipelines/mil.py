@@ -115,6 +115,10 @@ def _prepare(cfg: dict[str, Any]) -> None:
         enc["model"] = str(Path(enc["model"]).resolve())
     if enc["cache"]:
         enc["cache"] = str(Path(enc["cache"]).resolve())
+    per_bag = enc.get("cells_per_bag")
+    if isinstance(per_bag, bool) or not isinstance(per_bag, int) or per_bag < 1:
+        raise LeukolabError(f"--cells-per-bag {per_bag}: expected a whole number >= 1 (cells drawn per bag and step "
+                            "when fine-tuning, e.g. 16)")
     if enc.get("adapter"):
         if not enc["finetune"]:
             raise LeukolabError(f"--adapter {enc['adapter']} trains through the encoder; expected it with "
