@@ -65,7 +65,8 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda ..."),
     check_images: Optional[bool] = typer.Option(None, "--check-images/--no-check-images"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    mosaic: Optional[float] = typer.Option(None, "--mosaic", help="Probability of a 4-field mosaic sample (0 = off)."),
+    mosaic: Optional[float] = typer.Option(None, "--mosaic",
+                                           help="Probability of a 4-field mosaic sample (default 0.5; 0 = off)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name prefix."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
 ) -> None:

@@ -11,7 +11,7 @@ that left the crop.
 Evaluation and prediction: resize the longer side to ``size`` (no crop); the
 collate function pads to a multiple of the network stride.
 
-:class:`Mosaic` (off by default: ``augment.mosaic`` = its probability) builds a
+:class:`Mosaic` (``augment.mosaic`` = its probability, 0.5 by default) builds a
 ``size x size`` sample from four fields instead of one: each field is scale
 jittered as above, a random crop of it fills one quadrant around a random
 centre, boxes move with it, are clipped, and leftovers showing under
