@@ -65,6 +65,34 @@ def test_teacher_is_the_ema_with_the_scheduled_momentum_after_real_optimiser_ste
     assert dino.progress_steps.tolist() == [2, 4]
 
 
+# --------------------------------------------------------------------------- which checkpoint is "best"
+def test_best_checkpoint_is_the_last_epoch_whatever_the_validation_loss(tmp_path: Path) -> None:
+    """DINO's validation loss (student vs a moving teacher) cannot rank epochs: best.pt follows the last epoch.
+
+    On PBC seed 2, best-by-validation-loss picked epoch 2 of 6 and probed below random weights (README, issue 15).
+    """
+    from leukolab.checkpoints import load_checkpoint
+
+    class RisingValidationLoss(DINOObjective):
+        calls = 0
+
+        def validation_step(self, batch: object) -> dict[str, object]:
+            out = super().validation_step(batch)
+            RisingValidationLoss.calls += 1
+            return {**out, "loss": float(RisingValidationLoss.calls)}  # worse every epoch
+
+    torch.manual_seed(0)
+    dino = RisingValidationLoss("vit_tiny_patch16_224", 32, dict(TINY), out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    Trainer(dino, TrainerConfig(epochs=3, lr=1e-2, warmup_epochs=0, progress=False, device="cpu", keep_last=0),
+            tmp_path).fit([_batch(seed=1)], [_batch(seed=5)])
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["val_loss"]) == [1.0, 2.0, 3.0]
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == last["epoch"] == 3
+    assert last["backbone"].keys() == best["backbone"].keys()
+    assert all(torch.equal(last["backbone"][k], best["backbone"][k]) for k in last["backbone"])
+
+
 # --------------------------------------------------------------------------- diagnostics
 def test_diagnostics_are_logged_per_step_and_averaged_into_history(tmp_path: Path) -> None:
     dino = _dino(koleo_weight=0.0)

@@ -68,7 +68,8 @@ class Objective(nn.Module):
     autocast on GPU) with the same random draws every epoch.
     """
 
-    #: name of the validation scalar used to pick ``best.pt`` and its direction
+    #: name of the validation scalar used to pick ``best.pt`` and its direction (``min`` or ``max``;
+    #: ``last``: no scalar ranks the epochs, so ``best.pt`` is always the latest epoch)
     monitor: str = "val_loss"
     monitor_mode: str = "min"
     #: under DDP: True when some trainable parameters get no gradient in some steps

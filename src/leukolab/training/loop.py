@@ -288,6 +288,9 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _improved(self, row: dict[str, float]) -> bool:
         key, mode = self.objective.monitor, self.objective.monitor_mode
+        if mode == "last":  # no validation scalar ranks the epochs: best.pt is the latest epoch
+            self.best = float(self.epoch)
+            return True
         value = row.get(key, row.get("train_loss"))
         if key not in row:
             mode = "min"
