@@ -22,7 +22,8 @@ keeps the whole image, counted and warned about, so one image does not stop a ba
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "crop_pair",
     "crop_to_cell",
     "estimate_mask",
+    "fallbacks_reported_by_caller",
     "fit_stain_norm",
     "load_stain_norm",
     "make_preprocess",
@@ -195,10 +197,21 @@ def _shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
 
 
+_WHOLE_WARNING = "no cell found; the whole image is used"
+
+
 def _warn_whole(count: int, source: str) -> None:
     if count == 1:  # once per process; the total is reported by the caller (CellCrop.fallbacks)
-        warnings.warn(f"{source}: no cell found; the whole image is used (further such images are counted)",
-                      stacklevel=3)
+        warnings.warn(f"{source}: {_WHOLE_WARNING} (further such images are counted)", stacklevel=3)
+
+
+@contextmanager
+def fallbacks_reported_by_caller() -> Iterator[None]:
+    """Silence :class:`CellCrop`'s once-per-process warning inside the block, for a caller that reports the
+    whole count (:attr:`CellCrop.fallbacks`) itself in one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f".*{_WHOLE_WARNING}", category=UserWarning)
+        yield
 
 
 @dataclass

@@ -19,7 +19,6 @@ the rows in input order and writes the same file one process writes.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from leukolab.data.dataset import ImageDataset
 from leukolab.data.embed import collect_sources
+from leukolab.data.preprocess import fallbacks_reported_by_caller
 from leukolab.data.transforms import Normalisation, eval_transform, model_eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.features import FEATURE_SUFFIXES, FeatureSet, save_features
@@ -186,8 +186,7 @@ def embed_dataset(
     if not images.paths:
         raise LeukolabError("no images to embed")
     mine = distributed.shard(images.paths)
-    with warnings.catch_warnings():  # images kept whole are counted in a note below, not warned one by one
-        warnings.filterwarnings("ignore", message=".*no cell found", category=UserWarning)
+    with fallbacks_reported_by_caller():  # images kept whole are counted in a note below
         part = embed_paths(backbone, mine, loaded.img_size, loaded.normalisation, pool=opts.pool, layer=layer,
                            final_norm=opts.final_norm, batch_size=opts.batch_size, device=pick_device(opts.device),
                            show_progress=opts.show_progress and distributed.is_main(),
