@@ -174,6 +174,10 @@ def test_embed_of_a_cell_crop_run_on_images_without_a_cell(tmp_path_factory: pyt
     assert feats.features.shape[0] == 3 and np.isfinite(feats.features).all()
     code, _, err = _cli(["embed", run, blank, "--out", out, "--no-progress"], capsys)
     _one_line_error(code, err, "feats.npz")  # the features file is never overwritten
+    # predict: the same one count line, without Python's warning text
+    code, _, err = _cli(["predict", run, blank, "--out", blank.parent / "pred.csv"], capsys)
+    assert code == 0 and "no cell found in 3 image(s); they were classified whole" in err, err
+    assert "UserWarning" not in err and err.count("no cell found") == 1, err
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -27,7 +27,14 @@ from leukolab.data.checks import require_readable
 from leukolab.data.folds_file import read_folds_file, require_inside
 from leukolab.data.image_options import ImageOptions, masks_folder
 from leukolab.data.mixing import MixConfig
-from leukolab.data.preprocess import FIT_IMAGES, STAIN_NORM_FILE, check_image_options, load_stain_norm, save_stain_norm
+from leukolab.data.preprocess import (
+    FIT_IMAGES,
+    STAIN_NORM_FILE,
+    check_image_options,
+    fallbacks_reported_by_caller,
+    load_stain_norm,
+    save_stain_norm,
+)
 from leukolab.data.readers import LabelledImages, expand_image_inputs, read_labelled
 from leukolab.data.splits import check_fraction, label_fraction_subset, stratified_split
 from leukolab.errors import LeukolabError
@@ -402,8 +409,9 @@ def evaluate_run(
     y = np.asarray(test.targets(names), dtype=np.int64)
     if check_images:
         require_readable(distributed.shard(test.paths), show_progress and distributed.is_main())
-    probs = predict_paths(predictor, test.paths, batch_size, show_progress=show_progress, num_workers=num_workers,
-                          desc="evaluating")
+    with fallbacks_reported_by_caller():  # images kept whole are counted in one line (_report_fallbacks)
+        probs = predict_paths(predictor, test.paths, batch_size, show_progress=show_progress,
+                              num_workers=num_workers, desc="evaluating")
 
     def write() -> Path:
         assert probs is not None  # rank 0 holds every row
@@ -456,7 +464,8 @@ def predict_images(
     paths = expand_image_inputs(inputs)
     require_readable(distributed.shard(paths), show_progress=False)
     names = list(predictor.class_names)
-    probs = predict_paths(predictor, paths, batch_size, show_progress=show_progress, num_workers=num_workers)
+    with fallbacks_reported_by_caller():  # images kept whole are counted in one line (_report_fallbacks)
+        probs = predict_paths(predictor, paths, batch_size, show_progress=show_progress, num_workers=num_workers)
     if probs is None:
         return None
     _report_fallbacks(predictor)
