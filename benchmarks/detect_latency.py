@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=20, help="timed fields")
     p.add_argument("--score", type=float, default=0.3)
     p.add_argument("--backend", choices=("torch", "onnx", "both"), default="torch")
+    p.add_argument("--tta", action="store_true", help="end to end with flip TTA (4 forward passes; bare stays 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -80,7 +81,7 @@ def main() -> None:
 
         def end_to_end(det: object, path: Path) -> int:
             image = np.asarray(load_rgb(path))
-            return len(predict_field(det, image, img_size / max(image.shape[:2]), args.score).boxes)
+            return len(predict_field(det, image, img_size / max(image.shape[:2]), args.score, tta=args.tta).boxes)
 
         totals = {b: {"e2e": 0.0, "fwd": 0.0} for b in runners}
         for det, bare in runners.values():  # warm-up
@@ -96,8 +97,9 @@ def main() -> None:
                 totals[b]["e2e"] += t1 - t
                 totals[b]["fwd"] += time.perf_counter() - t1
 
-    print(f"{name}, input {tuple(tensor.shape[-2:])}, {args.threads} thread(s), {args.n} fields")
-    result: dict[str, object] = {"detector": name, "threads": args.threads}
+    tta = ", end to end with flip TTA" if args.tta else ""
+    print(f"{name}, input {tuple(tensor.shape[-2:])}, {args.threads} thread(s), {args.n} fields{tta}")
+    result: dict[str, object] = {"detector": name, "threads": args.threads, "tta": args.tta}
     for b, tot in totals.items():
         e2e, fwd = tot["e2e"] / args.n * 1000, tot["fwd"] / args.n * 1000
         print(f"[{b:5s}] end to end (decode -> resize -> detect -> NMS -> boxes): {e2e:7.1f} ms / 640x480 field")

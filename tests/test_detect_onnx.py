@@ -69,6 +69,8 @@ def test_onnx_export_gives_torch_outputs_and_boxes_at_any_size() -> None:
         torch.testing.assert_close(dist_o, dist_t, atol=1e-3, rtol=1e-4)
         for a, b in zip(m.predict(images, 0.2), onnx_det.predict(images, 0.2), strict=True):
             _same_boxes(a, b)
+        for a, b in zip(m.predict(images, 0.2, tta=True), onnx_det.predict(images, 0.2, tta=True), strict=True):
+            _same_boxes(a, b)  # flip TTA runs the same four flips through ONNX Runtime
     # the whole field path (resize, pad, decode, thresholds) with either backend
     field = np.random.default_rng(2).integers(0, 256, (150, 200, 3), dtype=np.uint8)
     pt, po = predict_field(m, field, 0.64, 0.2), predict_field(onnx_det, field, 0.64, 0.2)

@@ -95,6 +95,11 @@ def test_train_evaluate_predict(tiny_detector: Path, fields: Path, tmp_path: Pat
     assert set(m["ap50"]) == {"platelets", "rbc", "wbc"} and 0.0 <= m["map50"] <= 1.0
     assert m["counts"]["images"] == 12
     assert (tmp_path / "ev" / "pr_wbc.png").is_file() and len(list((tmp_path / "ev" / "examples").glob("*.png"))) == 4
+    assert m["tta"] is False
+    code, out, _ = _run(["detect", "evaluate", run, "--data", fields, "--out", tmp_path / "ev_tta", "--tta"], capsys)
+    m_tta = json.loads((tmp_path / "ev_tta" / "metrics.json").read_text())
+    assert code == 0 and m_tta["tta"] is True and m_tta["counts"]["images"] == 12
+    assert m_tta["map50_95"] != m["map50_95"]  # four flips averaged: other scores and boxes
 
     code, out, _ = _run(["detect", "predict", run, fields / "images", "--out", tmp_path / "pred", "--score", 0.05,
                          "--class-score", "wbc=0.1"], capsys)

@@ -14,7 +14,7 @@ from leukolab.data.detection.transforms import detection_eval_transform
 from leukolab.data.synthetic.smears import make_smears
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.detection import GroundTruth, Prediction, coco_metrics
-from leukolab.models.detection import CenterNet, Detector
+from leukolab.models.detection import CenterNet, Detector, flip_average
 from leukolab.models.detection_infer import TileSpec, check_tiles, predict_field
 from leukolab.registry import DETECTORS
 
@@ -76,6 +76,61 @@ def test_a_short_training_reduces_the_loss_and_finds_the_white_cells(tmp_path) -
     assert res.counts["ground_truth"]["wbc"] >= 4
     assert res.recall["wbc"] >= 0.5, res.to_dict()
     assert res.ap50[data.classes[wbc]] > 0.3 and res.ap50["rbc"] > 0.5
+
+
+class OracleCenterNet(CenterNet):
+    """A CenterNet whose 'network' reads the one dark rectangle off the image: a heatmap peak at its centre
+    cell and the exact distances from every cell centre to its sides; that is what a perfect net outputs."""
+
+    def __init__(self) -> None:
+        super().__init__(1, backbone="resnet10t", channels=8)
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        b, _, h, w = images.shape
+        heat, dist = torch.full((b, 1, h // 4, w // 4), -12.0), torch.zeros(b, 4, h // 4, w // 4)
+        xs, ys = self._grid(h // 4, w // 4, images.device)
+        for i, im in enumerate(images):
+            dark = torch.nonzero(im.float().mean(0) < 100)
+            y1, x1 = dark.min(0).values.tolist()
+            y2, x2 = (dark.max(0).values + 1).tolist()
+            heat[i, 0, int((y1 + y2) / 2 // 4), int((x1 + x2) / 2 // 4)] = 12.0
+            dist[i] = torch.stack(torch.broadcast_tensors(xs[None, :] - x1, ys[:, None] - y1,
+                                                          x2 - xs[None, :], y2 - ys[:, None]))
+        return heat, dist
+
+
+def test_flip_tta_decodes_the_same_boxes_and_is_flip_equivariant() -> None:
+    image = torch.full((1, 3, 64, 96), 230, dtype=torch.uint8)
+    image[:, :, 8:30, 13:41] = 40  # an off-centre cell: a wrong left/right or top/bottom swap moves its box
+    oracle = OracleCenterNet().eval()
+    plain = oracle.predict(image, score_threshold=0.5)[0]
+    tta = oracle.predict(image, score_threshold=0.5, tta=True)[0]
+    assert oracle.calls == 1 + 4
+    torch.testing.assert_close(plain["boxes"], torch.tensor([[13.0, 8.0, 41.0, 30.0]]))
+    torch.testing.assert_close(tta["boxes"], plain["boxes"])
+    assert float(tta["scores"][0]) > 0.99
+    # on any network, TTA of a flipped field = the TTA of the field, flipped back (sides swapped)
+    torch.manual_seed(0)
+    net = CenterNet(2, backbone="resnet10t", channels=16).eval()
+    x = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, dist = flip_average(net, x)
+        h_logits, h_dist = flip_average(net, x.flip(-1))
+        v_logits, v_dist = flip_average(net, x.flip(-2))
+        one_logits, _ = net(x)
+    torch.testing.assert_close(h_logits, logits.flip(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h_dist, dist.flip(-1)[:, [2, 1, 0, 3]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v_dist, dist.flip(-2)[:, [0, 3, 2, 1]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v_logits, logits.flip(-2), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(one_logits, logits, atol=1e-3)  # the random net is not flip-invariant itself
+
+
+def test_flip_tta_is_refused_for_detectors_without_it() -> None:
+    m = DETECTORS.build("ssdlite", num_classes=2, img_size=128).eval()
+    with pytest.raises(LeukolabError, match="no flip test-time augmentation"):
+        predict_field(m, np.zeros((96, 128, 3), np.uint8), 1.0, tta=True)
 
 
 class BlobDetector(Detector):

@@ -12,6 +12,7 @@ from leukolab.cli.synth import synth_app
 from leukolab.errors import LeukolabError
 
 BACKEND_HELP = "torch, or onnx: ONNX Runtime on the CPU (pip install 'leukolab[onnx]')."
+TTA_HELP = "Average the four flips of every field (centernet runs; 4x the network time)."
 
 detect_app = add_group("detect", "Find white cells, red cells and platelets in smear fields (boxes).")
 
@@ -97,11 +98,12 @@ def evaluate(
     class_score: Optional[list[str]] = typer.Option(None, "--class-score", help="CLASS=SCORE, repeatable."),
     tile: bool = typer.Option(False, "--tile/--no-tile", help="Tile fields larger than the training fields."),
     backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
 ) -> None:
     """COCO-style AP per class (IoU 0.5 and 0.5:0.95), PR curves and annotated example fields."""
     from leukolab.pipelines.detect import evaluate_detector, summary_line
 
-    out_dir = evaluate_detector(run, data, out, score, _class_scores(class_score), tile, backend=backend)
+    out_dir = evaluate_detector(run, data, out, score, _class_scores(class_score), tile, backend=backend, tta=tta)
     typer.echo(summary_line(out_dir / "metrics.json"))
     typer.echo(f"wrote {out_dir}/metrics.json, pr_<class>.png, examples/")
 
@@ -118,12 +120,13 @@ def predict(
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Tile overlap in px (default: 1.1 x largest cell)."),
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write annotated PNGs."),
     backend: str = typer.Option("torch", "--backend", help=BACKEND_HELP),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help=TTA_HELP),
 ) -> None:
     """Boxes (boxes.csv, COCO results.json), counts per image (counts.csv) and annotated fields."""
     from leukolab.pipelines.detect import predict_detector
 
     out_dir = predict_detector(run, list(images), out, score, _class_scores(class_score), tile, tile_size, overlap,
-                               draw, backend=backend)
+                               draw, backend=backend, tta=tta)
     typer.echo(f"wrote {out_dir}/boxes.csv, results.json, counts.csv" + (", annotated/" if draw else ""))
 
 

@@ -28,7 +28,7 @@ Nothing is downloaded: every factory builds random weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,8 @@ class Detector(nn.Module):
     stride: int = 32
     #: timm name of :meth:`timm_backbone` (None when the detector has no timm backbone)
     backbone_name: str | None = None
+    #: whether :meth:`predict` takes ``tta=True`` (flip test-time augmentation)
+    supports_tta: bool = False
 
     def __init__(self, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -95,6 +97,38 @@ def _head(channels: int, out: int, bias: float = 0.0) -> nn.Sequential:
     return head
 
 
+#: the flips :func:`flip_average` runs: (horizontal, vertical); a smear field has no up or left
+FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def flip_average(
+    net: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip test-time augmentation of a heatmap detector's raw outputs (CenterNet's flip test, both axes).
+
+    Runs ``net`` (images -> heatmap logits (B, K, h, w), side distances (B, 4, h, w) as left, top,
+    right, bottom) on the four :data:`FLIPS` of ``images``, flips the outputs back (a horizontal flip
+    also swaps the left and right distances, a vertical one top and bottom) and averages heatmap
+    probabilities and distances. Returns logits of the mean probability and the mean distances, so the
+    result decodes like one forward pass. ``images`` must be padded to a multiple of the output stride.
+    """
+    probs, dists = [], []
+    for hflip, vflip in FLIPS:
+        dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
+        logits, dist = net(images.flip(dims) if dims else images)
+        logits, dist = logits.float(), dist.float()
+        if dims:
+            logits, dist = logits.flip(dims), dist.flip(dims)
+        if hflip:
+            dist = dist[:, [2, 1, 0, 3]]
+        if vflip:
+            dist = dist[:, [0, 3, 2, 1]]
+        probs.append(logits.sigmoid())
+        dists.append(dist)
+    prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
+    return torch.logit(prob), torch.stack(dists).mean(0)
+
+
 def gaussian_2d(
     cx: torch.Tensor, cy: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor
 ) -> torch.Tensor:
@@ -108,6 +142,7 @@ class CenterNet(Detector):
     """Heatmap + side-distance detector at stride 4 on a timm backbone (see the module docstring)."""
 
     stride = 32
+    supports_tta = True
 
     def __init__(
         self,
@@ -241,9 +276,11 @@ class CenterNet(Detector):
 
     @torch.no_grad()
     def predict(
-        self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100, nms_iou: float = 0.6
+        self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100, nms_iou: float = 0.6,
+        tta: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
-        logits, dist = self(images)
+        """Detections of a batch of uint8 images; ``tta``: average the four flips (:func:`flip_average`)."""
+        logits, dist = flip_average(self, images) if tta else self(images)
         return self.decode(logits, dist, images.shape[-2:], score_threshold, max_detections, nms_iou)
 
     @torch.no_grad()

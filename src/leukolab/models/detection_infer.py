@@ -87,9 +87,20 @@ def _to_tensor(image: np.ndarray, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run(detector: AnyDetector, tiles: Sequence[torch.Tensor], score: float, max_det: int) -> list[dict[str, Any]]:
+def check_tta(detector: AnyDetector) -> None:
+    """Refuse flip TTA for a detector whose ``predict`` cannot average flips (the torchvision ones)."""
+    if not getattr(detector, "supports_tta", False):
+        name = type(detector).__name__
+        raise LeukolabError(f"--tta: {name} has no flip test-time augmentation; expected a centernet run")
+
+
+def _run(
+    detector: AnyDetector, tiles: Sequence[torch.Tensor], score: float, max_det: int, tta: bool = False
+) -> list[dict[str, Any]]:
     device = next(detector.parameters()).device if isinstance(detector, torch.nn.Module) else torch.device("cpu")
     batch = pad_images(tiles, detector.stride).to(device)
+    if tta:
+        return detector.predict(batch, score_threshold=score, max_detections=max_det, tta=True)
     return detector.predict(batch, score_threshold=score, max_detections=max_det)
 
 
@@ -102,6 +113,7 @@ def predict_field(
     nms_iou: float = 0.5,
     max_detections: int = 300,
     batch_size: int = 4,
+    tta: bool = False,
 ) -> FieldPrediction:
     """Detections of one RGB uint8 ``image`` (H, W, 3) in its own pixels.
 
@@ -114,7 +126,10 @@ def predict_field(
         nms_iou: class-wise NMS over the merged tiles.
         max_detections: per tile, and for the image.
         batch_size: tiles per forward pass.
+        tta: average the heatmaps and box sides of the four flips of each tile (centernet; 4x the cost).
     """
+    if tta:
+        check_tta(detector)
     k = detector.num_classes
     thr = np.broadcast_to(np.asarray(score_threshold, dtype=np.float64), (k,))
     low = float(thr.min())
@@ -128,7 +143,8 @@ def predict_field(
     for i in range(0, len(origins), batch_size):
         chunk = origins[i : i + batch_size]
         tensors = [_to_tensor(image[y0:y1, x0:x1], scale) for x0, y0, x1, y1 in chunk]
-        for (x0, y0, x1, y1), t, det in zip(chunk, tensors, _run(detector, tensors, low, max_detections), strict=True):
+        dets = _run(detector, tensors, low, max_detections, tta)
+        for (x0, y0, x1, y1), t, det in zip(chunk, tensors, dets, strict=True):
             b = det["boxes"].float().cpu().numpy().reshape(-1, 4)
             sy, sx = t.shape[-2] / (y1 - y0), t.shape[-1] / (x1 - x0)
             b = b / np.array([sx, sy, sx, sy]) + np.array([x0, y0, x0, y0])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from leukolab.errors import LeukolabError
-from leukolab.models.detection import CenterNet, Detector
+from leukolab.models.detection import CenterNet, Detector, flip_average
 
 INSTALL_HINT = "pip install 'leukolab[onnx]'"
 INPUT_NAME = "images"
@@ -136,6 +136,7 @@ class OnnxDetector:
         self.detector = _centernet(detector).cpu().eval()
         self.stride = self.detector.stride
         self.num_classes = self.detector.num_classes
+        self.supports_tta = True
         source: bytes | str = export_onnx(self.detector) if model is None else (
             model if isinstance(model, bytes) else str(model))
         options = ort.SessionOptions()
@@ -180,8 +181,9 @@ class OnnxDetector:
         return torch.from_numpy(heat), torch.from_numpy(dist)
 
     def predict(
-        self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100, nms_iou: float = 0.6
+        self, images: torch.Tensor, score_threshold: float = 0.05, max_detections: int = 100, nms_iou: float = 0.6,
+        tta: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
         """As :meth:`CenterNet.predict`, with the network run by ONNX Runtime."""
-        logits, dist = self(images)
+        logits, dist = flip_average(self, images) if tta else self(images)
         return self.detector.decode(logits, dist, images.shape[-2:], score_threshold, max_detections, nms_iou)

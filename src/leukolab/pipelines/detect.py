@@ -55,7 +55,14 @@ from leukolab.evaluation.tables import write_table
 from leukolab.models import detection as _detectors  # noqa: F401 - registers the detectors
 from leukolab.models.backbones import resolve_backbone_name
 from leukolab.models.detection import Detector
-from leukolab.models.detection_infer import AnyDetector, FieldPrediction, TileSpec, check_tiles, predict_field
+from leukolab.models.detection_infer import (
+    AnyDetector,
+    FieldPrediction,
+    TileSpec,
+    check_tiles,
+    check_tta,
+    predict_field,
+)
 from leukolab.models.detection_onnx import OnnxDetector, check_opset, export_onnx, require_onnxruntime
 from leukolab.models.weights import checkpoint_backbone_spec, load_backbone_weights
 from leukolab.pipelines.lifecycle import open_run
@@ -344,6 +351,7 @@ def _thresholds(classes: list[str], score: float, class_scores: dict[str, float]
 def evaluate_detector(
     run: Path | str, data: Path | str | None = None, out: Path | str | None = None, score: float = 0.3,
     class_scores: dict[str, float] | None = None, tile: bool = False, examples: int = 4, backend: str = "torch",
+    tta: bool = False,
 ) -> Path:
     """COCO-style evaluation of a run on ``data`` (default: the run's validation fields); returns the folder.
 
@@ -351,9 +359,12 @@ def evaluate_detector(
     precision / recall / counts at ``score``), ``pr_<class>.png`` and ``examples/*.png``
     (ground truth left, predictions right) into a new folder (``RUN/eval``, ``RUN/eval-2`` ...).
     ``backend``: ``torch`` or ``onnx`` (ONNX Runtime, the ``onnx`` extra; see :func:`load_backend`).
+    ``tta``: average the four flips of every field (centernet runs; 4x the network time).
     """
     run = Path(run)
     detector, meta = load_backend(run, backend)
+    if tta:
+        check_tta(detector)
     classes = meta["classes"]
     if data is None:
         test, where = _val_fields(run, meta), "validation fields of the run (used to pick best.pt)"
@@ -371,7 +382,7 @@ def evaluate_detector(
     gts, preds, images = [], [], []
     for item in test.items:
         image = np.asarray(load_rgb(item.image))
-        pred = predict_field(detector, image, _scale(meta, image, tiles), 0.01, tiles)
+        pred = predict_field(detector, image, _scale(meta, image, tiles), 0.01, tiles, tta=tta)
         gts.append(GroundTruth(item.boxes, np.array([classes.index(c) for c in item.labels], dtype=np.int64)))
         preds.append(Prediction(pred.boxes, pred.scores, pred.labels))
         if len(images) < examples:
@@ -379,7 +390,8 @@ def evaluate_detector(
     m = coco_metrics(gts, preds, classes, thr if class_scores else score)
     out_dir = unique_child(run if run.is_dir() else run.parent, "eval") if out is None else unique_child(
         Path(out).parent, Path(out).name)
-    write_metrics({**m.to_dict(), "data": where, "run": str(run), "tiled": bool(tile), "backend": backend},
+    write_metrics({**m.to_dict(), "data": where, "run": str(run), "tiled": bool(tile), "backend": backend,
+                   "tta": bool(tta)},
                   out_dir / "metrics.json", "COCO-style detection metrics")
     for c, curve in m.pr_curves.items():
         plot_pr_curve(curve, out_dir / f"pr_{c.replace(' ', '_')}.png", f"{c}: precision-recall (IoU 0.5)", m.ap50[c])
@@ -406,7 +418,7 @@ def _val_fields(run: Path, meta: dict[str, Any]) -> DetectionData:
 def predict_detector(
     run: Path | str, inputs: Sequence[Path | str], out: Path | str, score: float = 0.3,
     class_scores: dict[str, float] | None = None, tile: bool = False, tile_size: int | None = None,
-    overlap: int | None = None, draw: bool = True, backend: str = "torch",
+    overlap: int | None = None, draw: bool = True, backend: str = "torch", tta: bool = False,
 ) -> Path:
     """Detect cells in image files / folders; writes a new folder ``out`` and returns it.
 
@@ -414,10 +426,13 @@ def predict_detector(
     (COCO results: image_id, category_id, bbox, score; ids in ``images.json``), ``counts.csv``
     (cells of each class per image) and ``annotated/<image>.png``. ``backend``: ``torch`` or
     ``onnx`` (ONNX Runtime, the ``onnx`` extra; same boxes up to float rounding, see :func:`load_backend`).
+    ``tta``: average the four flips of every field or tile (centernet runs; 4x the network time).
     """
     from leukolab.data.readers import expand_image_inputs
 
     detector, meta = load_backend(run, backend)
+    if tta:
+        check_tta(detector)
     classes = meta["classes"]
     paths = expand_image_inputs(inputs)
     require_readable(paths, show_progress=False)
@@ -434,7 +449,7 @@ def predict_detector(
             if tiles is None and max(image.shape[:2]) > 1.5 * field:
                 _warn(f"{max(image.shape[:2])} px is {max(image.shape[:2]) / field:.1f}x the training fields "
                       f"({field:.0f} px): cells shrink below their trained size; use --tile", path)
-            pred: FieldPrediction = predict_field(detector, image, _scale(meta, image, tiles), thr, tiles)
+            pred: FieldPrediction = predict_field(detector, image, _scale(meta, image, tiles), thr, tiles, tta=tta)
             images.append({"id": i + 1, "file_name": str(path), "width": image.shape[1], "height": image.shape[0]})
             for box, s, lab in zip(pred.boxes, pred.scores, pred.labels, strict=True):
                 x1, y1, x2, y2 = (round(float(v), 1) for v in box)
