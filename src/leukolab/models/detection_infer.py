@@ -86,7 +86,6 @@ def _to_tensor(image: np.ndarray, scale: float) -> torch.Tensor:
     return t
 
 
-@torch.no_grad()
 def check_tta(detector: AnyDetector) -> None:
     """Refuse flip TTA for a detector whose ``predict`` cannot average flips (the torchvision ones)."""
     if not getattr(detector, "supports_tta", False):
@@ -94,6 +93,7 @@ def check_tta(detector: AnyDetector) -> None:
         raise LeukolabError(f"--tta: {name} has no flip test-time augmentation; expected a centernet run")
 
 
+@torch.no_grad()
 def _run(
     detector: AnyDetector, tiles: Sequence[torch.Tensor], score: float, max_det: int, tta: bool = False
 ) -> list[dict[str, Any]]:

@@ -126,6 +126,9 @@ class OnnxDetector:
     :class:`Detector`: ``stride``, ``num_classes`` and :meth:`predict`.
     """
 
+    #: :meth:`predict` takes ``tta=True``, as :class:`CenterNet`'s does
+    supports_tta = True
+
     def __init__(self, detector: Detector, model: bytes | Path | str | None = None, threads: int | None = None) -> None:
         """Wrap ``detector``; ``model`` is an exported ONNX model (bytes or file), exported now when None.
 
@@ -136,7 +139,6 @@ class OnnxDetector:
         self.detector = _centernet(detector).cpu().eval()
         self.stride = self.detector.stride
         self.num_classes = self.detector.num_classes
-        self.supports_tta = True
         source: bytes | str = export_onnx(self.detector) if model is None else (
             model if isinstance(model, bytes) else str(model))
         options = ort.SessionOptions()
