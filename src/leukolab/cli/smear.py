@@ -64,7 +64,7 @@ def mine_background(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Background crops (false detections, random squares away from white cells) for train --background DIR."""
-    from leukolab.pipelines.smear import mine_background as mine
+    from leukolab.pipelines.smear_background import mine_background as mine
 
     folder = mine(data, detector, out, per_field, seed, score, margin, pad, cell_class, progress)
     typer.echo(f"wrote {folder} (crops.csv lists where each crop came from)")
