@@ -66,7 +66,7 @@ def test_loaded_run_feeds_viz_as_evaluate_and_other_checkpoints_keep_the_plain_r
     images = [load_rgb(p) for p in _images(stain_run)]
     loaded = load_any_backbone(stain_run, run_preprocessing=True)
     assert loaded.run_input is not None and loaded.run_input.preprocess is not None
-    assert load_any_backbone(stain_run).run_input is None  # fusion / MIL encoders: not asked for, unchanged
+    assert load_any_backbone(stain_run).run_input is None  # --fuse encoders: not asked for, unchanged
     tf = loaded.input_transform()
     want = load_predictor(stain_run, device="cpu").tensors(images)  # type: ignore[attr-defined]
     torch.testing.assert_close(torch.stack([tf(im) for im in images]), want, atol=1e-6, rtol=0)
@@ -89,3 +89,25 @@ def test_a_run_missing_its_stain_reference_is_a_one_line_error(stain_run: Path, 
     code = main(["embed", str(copy), str(data), "--out", str(tmp_path / "f.npz"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "stain_norm.yaml: cannot read the run's stain normaliser" in err and "\n" not in err
+
+
+def test_mil_encoder_of_a_run_prepares_cells_as_evaluate(stain_run: Path, tmp_path: Path) -> None:
+    """A classifier run as ``mil train --encoder`` embeds each cell as ``evaluate`` feeds it (cell crop + Reinhard);
+    the preprocessing is recorded and keys the embedding cache apart from the plain resize."""
+    from leukolab.data.mil import Cohort, Patient
+    from leukolab.pipelines.mil_encoder import embed_cohort, load_encoder
+    from leukolab.pipelines.predictors import load_predictor
+
+    paths = _images(stain_run)
+    encoder = load_encoder(stain_run)
+    assert encoder.preprocessing == "cell crop (margin 0.15), reinhard stain normalisation"
+    assert encoder.describe()["preprocessing"] == encoder.preprocessing
+    cohort = Cohort([Patient("P1", 0, "F", 50.0, 5.0, tuple(paths[:2])),
+                     Patient("P2", 1, "M", 70.0, 9.0, tuple(paths[2:]))])
+    feats = torch.cat(embed_cohort(cohort, encoder, tmp_path / "cache", progress=False))
+    predictor = load_predictor(stain_run, device="cpu")
+    with torch.no_grad():
+        want = predictor.model.backbone(predictor.tensors([load_rgb(p) for p in paths]))  # type: ignore[attr-defined]
+    torch.testing.assert_close(feats, want.flatten(1), atol=1e-5, rtol=0)
+    timm_floor = load_encoder("resnet10t", 32)
+    assert timm_floor.preprocessing == "none" and timm_floor.transform is None

@@ -49,7 +49,6 @@ from leukolab.data.mil import (
     read_cohort,
 )
 from leukolab.data.synthetic.patients import PatientOptions, make_patients
-from leukolab.data.transforms import eval_transform
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.metrics import write_metrics
 from leukolab.evaluation.mil import attention_frame, mil_metrics, mil_scorer, plot_attention_gallery
@@ -163,7 +162,7 @@ def dataset(
     if encoder is None:
         return BagDataset([data.features[i] for i in index], clinical, data.labels[index], max_cells=d["max_cells"],
                           sample=train, keep_fraction=d["keep_fraction"], min_cells=d["min_cells"])
-    base = eval_transform(encoder.img_size, encoder.norm)
+    base = encoder.image_transform()
     tf = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), base]) if train else base
     per_bag = int(cfg["encoder"]["cells_per_bag"])
     return BagDataset([data.cohort.patients[i].cells for i in index], clinical, data.labels[index], transform=tf,

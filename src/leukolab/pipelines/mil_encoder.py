@@ -4,6 +4,9 @@
 run folder or checkpoint, a converted or raw external ViT file (anything
 :func:`leukolab.models.loading.load_any_backbone` reads), or a timm model name,
 built with seeded random weights (the floor a trained encoder must clear).
+A classifier run's cells are prepared as ``evaluate`` prepares its images: its
+recorded cell crop and stain normalisation come first
+(:meth:`~leukolab.models.loading.LoadedBackbone.input_transform`).
 
 :func:`embed_cohort` embeds every cell of a cohort once and keeps the result in
 a cache folder, keyed by the encoder (its file's size and modification time,
@@ -24,10 +27,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from leukolab.checkpoints import BackboneSpec, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from leukolab.data.mil import Cohort
-from leukolab.data.transforms import Normalisation, mean_std
+from leukolab.data.transforms import Normalisation, eval_transform, mean_std
 from leukolab.errors import LeukolabError
 from leukolab.models.backbones import create_backbone, is_vit, resolve_backbone_name
 from leukolab.models.loading import load_any_backbone, reinitialise
@@ -55,7 +59,10 @@ class Encoder:
         seed: seed of a random-init encoder.
         dim: embedding size.
         spec: how to rebuild the architecture, when known.
-        fingerprint: identifies the weights (file size and mtime, or name and seed).
+        fingerprint: identifies the weights (file size and mtime, or name and seed) and the preprocessing.
+        transform: PIL image -> input tensor for a classifier run with recorded preprocessing (cell crop,
+            stain normalisation); ``None``: resize to ``img_size`` and normalise with ``norm``.
+        preprocessing: what ``transform`` does before the resize (``none`` without one).
     """
 
     model: nn.Module
@@ -68,12 +75,18 @@ class Encoder:
     dim: int
     spec: BackboneSpec | None
     fingerprint: str
+    transform: Any = None
+    preprocessing: str = "none"
 
     def describe(self) -> dict[str, Any]:
         """Plain data stored in checkpoints: enough to rebuild this encoder with :func:`load_encoder`."""
         norm = self.norm if isinstance(self.norm, str) else [list(v) for v in mean_std(self.norm)]
         return {"model": self.source, "img_size": self.img_size, "norm": norm, "pool": self.pool,
-                "kind": self.kind, "seed": self.seed, "dim": self.dim}
+                "kind": self.kind, "seed": self.seed, "dim": self.dim, "preprocessing": self.preprocessing}
+
+    def image_transform(self) -> Any:
+        """PIL image -> input tensor: :attr:`transform`, or the plain resize and normalisation."""
+        return self.transform if self.transform is not None else eval_transform(self.img_size, self.norm)
 
 
 def _probe_dim(model: nn.Module, img_size: int, pool: str, name: str) -> int:
@@ -118,12 +131,17 @@ def load_encoder(
     norm = _norm(norm)
     if path.exists():
         loaded = load_any_backbone(path, img_size, norm=norm if isinstance(norm, str) else None,
-                                   allow_pickle=allow_pickle)
+                                   allow_pickle=allow_pickle, run_preprocessing=True)
         model, size, kind = loaded.model, loaded.img_size, loaded.kind
         use_norm: Normalisation = norm if norm is not None else loaded.normalisation
         ckpt = resolve_checkpoint_path(path)
         stat = ckpt.stat()
         fingerprint = f"{ckpt.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        transform, preprocessing = None, "none"
+        if loaded.run_input is not None and loaded.run_input.description != "none":
+            transform = v2.Compose([loaded.run_input, *eval_transform(size, use_norm).transforms])
+            preprocessing = loaded.run_input.description
+            fingerprint += f":{preprocessing}"
         spec = None
         if kind not in ("converted", "raw"):
             spec = checkpoint_backbone_spec(ckpt, allow_pickle=allow_pickle)
@@ -142,9 +160,11 @@ def load_encoder(
         mean, std = mean_std(use_norm)
         spec = BackboneSpec(name, {}, size, patch, tuple(mean), tuple(std))
         fingerprint, source_text = f"timm:{name}:seed{seed}", name
+        transform, preprocessing = None, "none"
     model.eval()
     dim = _probe_dim(model, size, pool, name)
-    return Encoder(model, size, use_norm, pool, source_text, kind, int(seed), dim, spec, fingerprint)
+    return Encoder(model, size, use_norm, pool, source_text, kind, int(seed), dim, spec, fingerprint, transform,
+                   preprocessing)
 
 
 def _cache_key(cohort: Cohort, encoder: Encoder) -> str:
@@ -175,7 +195,8 @@ def embed_cohort(
     paths = [c for p in cohort.patients for c in p.cells]
     try:
         flat = embed_paths(encoder.model, paths, encoder.img_size, encoder.norm, pool=encoder.pool,
-                           batch_size=batch_size, device=device, show_progress=progress)
+                           batch_size=batch_size, device=device, show_progress=progress,
+                           transform=encoder.image_transform())
     except (RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise LeukolabError(f"encoder {encoder.source} cannot embed the cells ({first})") from None
