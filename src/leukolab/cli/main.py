@@ -19,7 +19,7 @@ from leukolab.errors import EXIT_USER_ERROR, LeukolabError
 #: the command modules (``cli/<name>.py``), in the order ``leukolab --help`` lists their commands and groups;
 #: a new command group is one new module plus its name here
 COMMAND_MODULES = ("classify", "demo", "embed", "zoo", "report", "pretrain", "synth", "viz", "experiment", "detect",
-                   "mil", "export", "ensemble", "smear", "datatools", "masks", "serve")
+                   "mil", "export", "ensemble", "adapt", "smear", "datatools", "masks", "serve")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"leukolab.cli.{_name}")
 
