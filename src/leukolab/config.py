@@ -109,20 +109,66 @@ def load_preset(preset: str | Path) -> dict[str, Any]:
     return data
 
 
+#: what an ensemble preset's ``ensemble:`` section may say about the weights of its members
+ENSEMBLE_WEIGHTS = ("equal", "log_loss", "balanced_accuracy")
+
+
+def ensemble_preset(preset: str | Path) -> dict[str, Any] | None:
+    """The checked ``ensemble:`` section of a preset (``None`` for a single-model preset).
+
+    An ensemble preset trains one run per entry of ``ensemble.members`` -- each a mapping merged over the
+    rest of the preset (``{}``: the preset as it is) -- and writes an ensemble folder over them with
+    ``ensemble.weights`` (``equal``, or fitted on the members' validation split: ``log_loss`` /
+    ``balanced_accuracy``) and ``ensemble.tta`` (the ensemble's own TTA setting).
+    """
+    section = load_preset(preset).get("ensemble")
+    if section is None:
+        return None
+    where = f"preset {preset}: ensemble"
+    if not isinstance(section, dict):
+        raise LeukolabError(f"{where}: expected a mapping with members, weights and tta")
+    unknown = sorted(set(section) - {"members", "weights", "tta"})
+    if unknown:
+        raise LeukolabError(f"{where}: unknown key {unknown[0]!r}; expected members, weights, tta")
+    members = section.get("members")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise LeukolabError(f"{where}.members: expected a list of at least 2 mappings (config overrides; {{}} for "
+                            "the preset as it is)")
+    weights = section.get("weights", "equal")
+    if weights not in ENSEMBLE_WEIGHTS:
+        raise LeukolabError(f"{where}.weights {weights!r}; expected one of: {', '.join(ENSEMBLE_WEIGHTS)}")
+    tta = section.get("tta", False)
+    if not isinstance(tta, bool):
+        raise LeukolabError(f"{where}.tta {tta!r}; expected true or false")
+    return {"members": members, "weights": weights, "tta": tta}
+
+
 def resolve(name: str, config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Defaults <- preset <- ``config_file`` <- ``overrides`` (dotted keys; ``None`` values ignored).
 
     When the defaults have a top-level ``preset`` key (``train``), the preset named by
     ``overrides["preset"]`` or else by the config file's ``preset:`` is merged over the defaults
-    first (:func:`load_preset`), and ``preset`` records it (:func:`preset_label`).
+    first (:func:`load_preset`), and ``preset`` records it (:func:`preset_label`). Of an ensemble preset
+    (:func:`ensemble_preset`), member ``preset_member`` (default 0) is merged over the rest of the preset.
     """
     cfg = load_defaults(name)
     user = read_yaml(config_file) if config_file is not None else {}
     preset = overrides.get("preset") or user.get("preset")
     if "preset" in cfg and preset:
         content = load_preset(preset)
+        section = ensemble_preset(preset) if "ensemble" in content else None
+        content.pop("ensemble", None)
         try:
             cfg = merge(cfg, content)
+            if section is not None:
+                index = overrides.get("preset_member")
+                index = user.get("preset_member", 0) if index is None else index
+                index = 0 if index is None else int(index)
+                last = len(section["members"]) - 1
+                if not 0 <= index <= last:
+                    raise LeukolabError(f"preset_member {index}: the preset has members 0-{last}")
+                cfg = merge(cfg, section["members"][index])
+                cfg["preset_member"] = index
         except LeukolabError as exc:
             raise LeukolabError(f"preset {preset}: {exc}") from None
         user = {**user, "preset": preset_label(preset)}

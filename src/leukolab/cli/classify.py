@@ -156,8 +156,27 @@ def train(
         overrides["model.fuse"] = [str(p.resolve()) for p in fuse] if fuse else None
     elif data is None and config is None and folds_file is None:
         raise LeukolabError("no DATA given; expected a folder of class folders or a path,label CSV")
+    spec = _ensemble_spec(preset, config) if resume is None else None
+    if spec is not None:  # an ensemble preset: one run per member, then the ensemble folder
+        from leukolab.config import resolve
+        from leukolab.pipelines.ensemble import ensemble_summary
+        from leukolab.pipelines.ensemble_train import train_ensemble_preset
+
+        show = bool(resolve("train", config, overrides)["train"]["progress"])
+        folder = train_ensemble_preset(out, spec, config, overrides, name, allow_pickle, progress=show)
+        typer.echo(ensemble_summary(folder))
+        typer.echo(f"ensemble folder: {folder} (evaluate, predict and smear analyse take it like a run)")
+        return
     run_dir = train_classifier(out, config, overrides, resume=resume, name=name, allow_pickle=allow_pickle)
     typer.echo(f"run folder: {run_dir}")
+
+
+def _ensemble_spec(preset: Optional[str], config: Optional[Path]) -> Optional[dict]:
+    """The ``ensemble:`` section of the preset named by ``--preset`` or the ``--config`` file (None: one run)."""
+    from leukolab.config import ensemble_preset, read_yaml
+
+    chosen = preset or (read_yaml(config).get("preset") if config is not None else None)
+    return ensemble_preset(chosen) if chosen else None
 
 
 @app.command()

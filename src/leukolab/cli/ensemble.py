@@ -17,8 +17,8 @@ def ensemble_fit(
     runs: list[Path] = typer.Argument(..., help="leukolab train run folders (backbones and input sizes may differ)."),
     data: Path = typer.Option(..., "--data", help="Labelled validation images the weights are fitted on."),
     out: Path = typer.Option(..., "--out", help="New ensemble folder."),
-    objective: str = typer.Option("log_loss", "--objective", help="log_loss (minimised) or balanced_accuracy "
-                                                                   "(maximised)."),
+    objective: str = typer.Option("log_loss", "--objective", help="log_loss (minimised), balanced_accuracy "
+                                                                   "(maximised) or equal (1/M each, not fitted)."),
     tta: bool = typer.Option(False, "--tta", help="Members average over the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(128, "--batch-size"),
     workers: int = typer.Option(0, "--workers", help="Image-decoding processes."),

@@ -1,7 +1,7 @@
 """Ensemble weights fitted on validation predictions: one weight per member, weights >= 0 summing to 1.
 
 The ensemble's probabilities are the weighted mean of its members' probabilities
-(``sum_m w_m p_m``). Two objectives:
+(``sum_m w_m p_m``). Two objectives, and no fitting at all:
 
 * ``log_loss`` -- the mean negative log-probability of the true class. It is
   convex in the weights (minus the log of a linear function), so SLSQP over the
@@ -16,6 +16,8 @@ The ensemble's probabilities are the weighted mean of its members' probabilities
   with a large initial simplex. The winner has the highest balanced accuracy;
   ties go to the lower log-loss, so among equally accurate weightings the best
   calibrated one is kept (and a perfect member takes all the weight).
+* ``equal`` -- ``1/M`` each, nothing fitted (the members are only scored): the
+  choice when the validation set is too small to fit weights without over-fitting.
 
 scikit-learn has no ensemble-weight fitter for pre-computed probabilities
 (``VotingClassifier`` takes fixed weights and refits its members), hence this
@@ -36,7 +38,7 @@ from leukolab.errors import LeukolabError
 __all__ = ["OBJECTIVES", "balanced_accuracy", "fit_weights", "log_loss", "mix"]
 
 #: the objectives :func:`fit_weights` knows
-OBJECTIVES = ("log_loss", "balanced_accuracy")
+OBJECTIVES = ("log_loss", "balanced_accuracy", "equal")
 
 _EPS = 1e-12
 _GRID_STEP = 0.05
@@ -143,7 +145,8 @@ def fit_weights(probs: Sequence[np.ndarray], y: Sequence[int] | np.ndarray,
     Args:
         probs: each member's ``(N, K)`` probabilities of the same ``N`` images over the same ``K`` classes.
         y: the true class codes ``(N,)``.
-        objective: ``log_loss`` (minimised) or ``balanced_accuracy`` (maximised); see the module notes.
+        objective: ``log_loss`` (minimised), ``balanced_accuracy`` (maximised) or ``equal`` (``1/M`` each);
+            see the module notes.
 
     Raises:
         LeukolabError: no members, mismatched shapes, labels out of range, or an unknown objective.
@@ -153,5 +156,7 @@ def fit_weights(probs: Sequence[np.ndarray], y: Sequence[int] | np.ndarray,
     arrays, codes = _check(probs, np.asarray(y))
     if len(arrays) == 1:
         return np.ones(1)
+    if objective == "equal":
+        return np.full(len(arrays), 1.0 / len(arrays))
     w = _fit_log_loss(arrays, codes) if objective == "log_loss" else _fit_balanced_accuracy(arrays, codes)
     return _clean(w)
