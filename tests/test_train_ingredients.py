@@ -170,7 +170,14 @@ def test_every_packaged_preset_is_a_valid_train_config() -> None:
     best = resolve("train", None, {"preset": "pbc-best"})
     assert (best["model"]["backbone"], best["data"]["img_size"], best["train"]["epochs"]) == ("resnet18", 64, 15)
     assert (best["optim"]["lr"], best["mix"]["mixup"], best["mix"]["cutmix"]) == (1e-3, 0.0, 0.0)
-    assert best["data"]["crop"] == "cell"
+    assert best["data"]["crop"] == "cell" and best["preset_member"] == 0
+    from leukolab.config import ensemble_preset
+
+    second = resolve("train", None, {"preset": "pbc-best", "preset_member": 1})  # the ensemble's second member
+    assert (second["data"]["crop"], second["train"]["epochs"], second["model"]["backbone"]) == ("none", 6, "resnet18")
+    assert ensemble_preset("pbc-best") == {"members": [{}, {"data": {"crop": "none"}, "train": {"epochs": 6}}],
+                                           "weights": "equal", "tta": True}
+    assert ensemble_preset("other-lab") is None
     other = resolve("train", None, {"preset": "other-lab"})["data"]
     assert (other["crop"], other["stain_norm"], other["mask_aug"]) == ("cell", "reinhard", 0.3)
 
