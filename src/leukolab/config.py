@@ -121,7 +121,11 @@ def ensemble_preset(preset: str | Path) -> dict[str, Any] | None:
     ``ensemble.weights`` (``equal``, or fitted on the members' validation split: ``log_loss`` /
     ``balanced_accuracy``) and ``ensemble.tta`` (the ensemble's own TTA setting).
     """
-    section = load_preset(preset).get("ensemble")
+    return check_ensemble(load_preset(preset).get("ensemble"), preset)
+
+
+def check_ensemble(section: Any, preset: str | Path) -> dict[str, Any] | None:
+    """``section`` (a preset's ``ensemble:`` value, ``None`` if absent) checked and completed with its defaults."""
     if section is None:
         return None
     where = f"preset {preset}: ensemble"
@@ -156,8 +160,7 @@ def resolve(name: str, config_file: Path | None, overrides: dict[str, Any]) -> d
     preset = overrides.get("preset") or user.get("preset")
     if "preset" in cfg and preset:
         content = load_preset(preset)
-        section = ensemble_preset(preset) if "ensemble" in content else None
-        content.pop("ensemble", None)
+        section = check_ensemble(content.pop("ensemble", None), preset)
         try:
             cfg = merge(cfg, content)
             if section is not None:

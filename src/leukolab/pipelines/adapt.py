@@ -24,12 +24,12 @@ import yaml
 
 from leukolab.checkpoints import load_run_state, save_checkpoint
 from leukolab.data.dataset import load_rgb
-from leukolab.data.preprocess import fallbacks_reported_by_caller, run_preprocess
+from leukolab.data.preprocess import fallbacks_reported_by_caller
 from leukolab.data.readers import expand_image_inputs
 from leukolab.errors import LeukolabError
 from leukolab.evaluation.tables import write_table
 from leukolab.models.bn_adapt import adapt_batchnorm, batchnorm_layers
-from leukolab.pipelines.predictors import RunPredictor, is_ensemble
+from leukolab.pipelines.predictors import RunPredictor, is_ensemble, run_predictor
 from leukolab.training.loop import pick_device
 from leukolab.utils.files import atomic_folder, write_text
 from leukolab.utils.progress import progress as bar
@@ -77,7 +77,7 @@ def adapt_run(
         raise LeukolabError(f"--batch-size {batch_size}: expected at least 2 (batch statistics need 2 images)")
     folder = run.parent if run.is_file() else run
     state = load_run_state(run, "classification", "train")
-    objective, cfg = load_run(run, pick_device(device))
+    objective, cfg = load_run(run, pick_device(device), state)
     if not batchnorm_layers(objective.model):
         raise LeukolabError(f"{run}: its {cfg['model']['backbone']} network has no BatchNorm layer, so there are "
                             "no statistics to adapt (AdaBN needs a CNN such as resnet18)")
@@ -87,9 +87,7 @@ def adapt_run(
     if len(paths) < MIN_IMAGES:
         raise LeukolabError(f"{len(paths)} image(s) to adapt on; expected at least {MIN_IMAGES} of the new lab's "
                             "cells")
-    preprocess = run_preprocess(cfg["data"], folder)
-    predictor = RunPredictor(objective.model, list(objective.class_names), int(cfg["data"]["img_size"]),
-                             preprocess=preprocess, source=str(run))
+    predictor = run_predictor(objective.model, objective.class_names, cfg, run)
     with fallbacks_reported_by_caller():
         seen = adapt_batchnorm(objective.model, _batches(predictor, paths, batch_size, progress))
     record: dict[str, Any] = {"method": "batchnorm", "source": str(folder.resolve()), "images": seen,

@@ -338,9 +338,13 @@ def train_classifier(
 
 
 # --------------------------------------------------------------------------- loading and applying a run
-def load_run(run: Path | str, device: torch.device | None = None) -> tuple[ClassificationObjective, dict[str, Any]]:
-    """The trained classifier of a run folder (``best.pt``, read with ``weights_only=True``) and its config."""
-    state = load_run_state(run, "classification", "train")
+def load_run(run: Path | str, device: torch.device | None = None,
+             state: dict[str, Any] | None = None) -> tuple[ClassificationObjective, dict[str, Any]]:
+    """The trained classifier of a run folder (``best.pt``, read with ``weights_only=True``) and its config.
+
+    ``state``: the run's checkpoint when the caller has read it already (:func:`load_run_state`).
+    """
+    state = state if state is not None else load_run_state(run, "classification", "train")
     cfg = state["config"]
     record = state.get("adapter") if isinstance(state.get("adapter"), dict) else None
     model = build_classifier({**cfg["model"], "init": None, "adapter": record["config"]["name"] if record else None},

@@ -165,9 +165,17 @@ def load_predictor(path: Path | str, tta: bool | None = False,
                                 "summing to 1")
         return EnsemblePredictor(members, weights, names, str(path), use_tta)
     objective, cfg = load_run(path, dev or pick_device("auto"))
+    return run_predictor(objective.model, objective.class_names, cfg, path, bool(tta))
+
+
+def run_predictor(model: torch.nn.Module, class_names: Sequence[str], cfg: dict[str, Any], path: Path | str,
+                  tta: bool = False) -> RunPredictor:
+    """A loaded run's network fed as its evaluation feeds it (``cfg``: the run's config; ``path``: its folder
+    or checkpoint, where its stain normaliser lives)."""
+    path = Path(path)
     preprocess = run_preprocess(cfg["data"], path.parent if path.is_file() else path)
-    return RunPredictor(objective.model, list(objective.class_names), int(cfg["data"]["img_size"]), bool(tta),
-                        str(path), str(cfg["model"]["backbone"]), preprocess)
+    return RunPredictor(model, list(class_names), int(cfg["data"]["img_size"]), tta, str(path),
+                        str(cfg["model"]["backbone"]), preprocess)
 
 
 def ensemble_members(folder: Path | str, spec: dict[str, Any] | None = None) -> list[Path]:
