@@ -121,6 +121,16 @@ def test_fusion_run_resolves_sizes_and_norms_keeps_encoders_and_evaluates_withou
     history = pd.read_csv(run / "history.csv")
     assert history["trainable_params"].iloc[0] == (256 + 96) * 5 + 5  # the linear head only
     assert main(["evaluate", str(run), "--no-progress"]) == 0
+    # a source run trained with a cell crop and stain normalisation: the fusion run says what it feeds instead
+    state_a = load_checkpoint(a / "best.pt")
+    state_a["config"]["data"].update(crop="cell", stain_norm="reinhard")
+    save_checkpoint(state_a, a / "best.pt")
+    resolved = resolve("train", None, {**_base(encoders["data"]), "model.fuse": [str(a)]})
+    (record,) = prepare_fusion(resolved)
+    assert record.notes[-2:] == [
+        "trained with --crop cell, fed --crop none here (this run's --crop applies to every encoder)",
+        "trained with --stain-norm reinhard, fed --stain-norm none here (this run's --stain-norm applies to every "
+        "encoder)"]
     shutil.rmtree(sources)  # the run carries its encoders
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     first, second = (pd.read_csv(run / name / "predictions.csv") for name in ("eval", "eval-2"))

@@ -22,8 +22,8 @@ from leukolab.errors import LeukolabError
 
 mil_app = add_group("mil", "Patient-level diagnosis: multiple-instance learning over cells + clinical data.")
 
-ENCODER_HELP = ("Cell encoder: a leukolab run folder or checkpoint, a converted/raw ViT file, or a timm name "
-                "(random init: the floor).")
+ENCODER_HELP = ("Cell encoder: a leukolab run folder or checkpoint, a converted/raw ViT file, a timm name "
+                "(random init: the floor), or 'morphology' (hand-crafted nucleus / cytoplasm features, no weights).")
 
 
 def _path(p: Optional[Path]) -> Optional[str]:

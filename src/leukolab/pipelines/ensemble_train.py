@@ -52,8 +52,9 @@ def train_ensemble_preset(
     from leukolab.pipelines.ensemble import EnsembleOptions, fit_ensemble
 
     overrides = dict(overrides or {})
-    for i in range(len(spec["members"])):  # every member's config is valid before any member trains
-        resolve("train", config_file, {**overrides, "preset_member": i})
+    # every member's config is valid before any member trains
+    labels = [resolve("train", config_file, {**overrides, "preset_member": i})["preset"]
+              for i in range(len(spec["members"]))]
     runs = []
     for i in range(len(spec["members"])):
         if distributed.is_main() and progress:
@@ -65,7 +66,7 @@ def train_ensemble_preset(
         if _split_sets(run) != first:
             raise LeukolabError(f"ensemble members {runs[0].name} and {run.name} have different validation or test "
                                 "splits; an ensemble preset's members must not change the data or the seed")
-    stem = name or Path(str(overrides.get("preset") or "preset")).stem
+    stem = name or Path(str(labels[0])).stem  # the preset, named by --preset or by the --config file
     folder = distributed.shared_run_dir(lambda: new_run_dir(out, f"{stem}-ensemble"))
     options = EnsembleOptions(objective=spec["weights"], tta=spec["tta"], show_progress=progress)
     return fit_ensemble(runs, runs[0] / "splits.csv", folder, options)

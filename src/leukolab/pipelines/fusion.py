@@ -9,7 +9,10 @@ Three steps, called by :mod:`leukolab.pipelines.classify`:
    feature width, and what the fusion does to its input. The records become the ``fusion`` backbone's
    ``backbone_kwargs``; the shared input size (``data.img_size``) is the largest encoder size, so no
    encoder sees an upsampled image; the backbone is frozen. Encoders with different input sizes or
-   normalisations are resolved (each gets its own resize and renormalisation), never refused.
+   normalisations are resolved (each gets its own resize and renormalisation), never refused. A source
+   run's cell crop or stain normalisation is *not* applied per encoder: the fusion run's own ``--crop`` /
+   ``--stain-norm`` prepare the shared input, and a record notes (and the run prints) where they differ
+   from what the source was trained with.
 2. :func:`load_fusion_weights` (a new model): each encoder's weights loaded from its source, strictly.
    A saved fusion run carries all of them in its checkpoint, so ``evaluate``/``predict`` rebuild it
    from the config and the checkpoint alone: the source runs may be deleted afterwards.
@@ -77,8 +80,12 @@ def _load(path: Path, allow_pickle: bool) -> tuple[Any, Mapping[str, Any]]:
     return loaded, obj
 
 
-def load_encoder(path: Path | str, allow_pickle: bool = False) -> tuple[EncoderRecord, nn.Module]:
+def load_encoder(path: Path | str, allow_pickle: bool = False,
+                 data: Mapping[str, Any] | None = None) -> tuple[EncoderRecord, nn.Module]:
     """The record of the encoder in ``path`` (run folder or checkpoint) and the encoder with its weights.
+
+    ``data``: the fusion run's ``data:`` options; the record then notes where the source run prepared its
+    images otherwise (:func:`_preparation_notes`).
 
     Raises:
         LeukolabError: ``path`` is missing, not a checkpoint leukolab can load, or an adapter run.
@@ -105,6 +112,8 @@ def load_encoder(path: Path | str, allow_pickle: bool = False) -> tuple[EncoderR
     record = EncoderRecord(source=str(path), kind=loaded.kind, name=name, builder=builder, kwargs=kwargs,
                            img_size=int(loaded.img_size), mean=list(mean), std=list(std), num_features=int(width),
                            notes=list(loaded.notes))
+    if data is not None and loaded.kind == "classification":
+        record.notes += _preparation_notes(obj.get("config"), data)
     return record, loaded.model
 
 
@@ -130,6 +139,23 @@ def _describe(record: EncoderRecord, shared: int) -> None:
                             f"{_norm_label(record.mean, record.std)}")
 
 
+#: a classifier run's recorded image preparation that a fusion run applies once, for all encoders alike
+_PREPARATION = (("crop", "none", "--crop"), ("stain_norm", "none", "--stain-norm"))
+
+
+def _preparation_notes(config: Any, data: Mapping[str, Any]) -> list[str]:
+    """Where a source classifier run (``config``: its checkpoint's config) prepared its images otherwise than
+    this fusion run will (cell crop, stain normalisation: applied once to the shared input, for every encoder)."""
+    trained = (config.get("data") if isinstance(config, Mapping) else None) or {}
+    notes = []
+    for key, default, option in _PREPARATION:
+        theirs, ours = str(trained.get(key) or default), str(data.get(key) or default)
+        if theirs != ours:
+            notes.append(f"trained with {option} {theirs}, fed {option} {ours} here (this run's {option} applies "
+                         "to every encoder)")
+    return notes
+
+
 def prepare_fusion(cfg: dict[str, Any], allow_pickle: bool = False) -> list[EncoderRecord]:
     """Resolve a new run's ``model.fuse`` in place (see the module docstring); returns the records.
 
@@ -150,7 +176,7 @@ def prepare_fusion(cfg: dict[str, Any], allow_pickle: bool = False) -> list[Enco
         raise LeukolabError(f"--init {m['init']} and --fuse: the fused encoders are the weights; expected one of them")
     if (cfg.get("adapter") or {}).get("name"):
         raise LeukolabError("--adapter and --fuse: fusion encoders are frozen as they are; expected one of them")
-    records = [load_encoder(p, allow_pickle)[0] for p in fuse]
+    records = [load_encoder(p, allow_pickle, data=d)[0] for p in fuse]
     shared = max(r.img_size for r in records)
     for r in records:
         _describe(r, shared)

@@ -58,6 +58,7 @@ from leukolab.evaluation.tables import write_table
 from leukolab.models.adapters import Adapter, apply_adapter, load_adapter, parameter_summary
 from leukolab.models.backbones import is_vit
 from leukolab.models.mil import build_aggregator
+from leukolab.models.morphology import names_morphology
 from leukolab.objectives.mil import MILObjective
 from leukolab.pipelines.lifecycle import Run, open_run
 from leukolab.pipelines.mil_encoder import Encoder, embed_cohort, load_encoder
@@ -118,6 +119,9 @@ def _prepare(cfg: dict[str, Any]) -> None:
     if isinstance(per_bag, bool) or not isinstance(per_bag, int) or per_bag < 1:
         raise LeukolabError(f"--cells-per-bag {per_bag}: expected a whole number >= 1 (cells drawn per bag and step "
                             "when fine-tuning, e.g. 16)")
+    if names_morphology(enc["model"]) and enc["finetune"]:
+        raise LeukolabError("--encoder morphology has no weights to fine-tune; drop --finetune-encoder (its "
+                            "features are computed once and cached)")
     if enc.get("adapter"):
         if not enc["finetune"]:
             raise LeukolabError(f"--adapter {enc['adapter']} trains through the encoder; expected it with "

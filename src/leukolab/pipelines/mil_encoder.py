@@ -3,7 +3,10 @@
 :func:`load_encoder` turns ``--encoder`` into a headless backbone: a leukolab
 run folder or checkpoint, a converted or raw external ViT file (anything
 :func:`leukolab.models.loading.load_any_backbone` reads), or a timm model name,
-built with seeded random weights (the floor a trained encoder must clear).
+built with seeded random weights (the floor a trained encoder must clear), or
+``morphology``: hand-crafted features of each cell's segmented nucleus and
+cytoplasm (:class:`~leukolab.models.morphology.MorphologyEncoder`; no weights,
+fed the un-normalised crop resized to :data:`MORPHOLOGY_SIZE`).
 A classifier run's cells are prepared as ``evaluate`` prepares its images: its
 recorded cell crop and stain normalisation come first
 (:meth:`~leukolab.models.loading.LoadedBackbone.input_transform`).
@@ -35,14 +38,19 @@ from leukolab.data.transforms import Normalisation, eval_transform, mean_std
 from leukolab.errors import LeukolabError
 from leukolab.models.backbones import create_backbone, is_vit, resolve_backbone_name
 from leukolab.models.loading import load_any_backbone, reinitialise
+from leukolab.models.morphology import MORPHOLOGY, MorphologyEncoder, names_morphology
 from leukolab.models.tokens import pool_features
 from leukolab.models.weights import checkpoint_backbone_spec
 from leukolab.pipelines.embed import embed_paths
 
-__all__ = ["DEFAULT_TIMM_SIZE", "Encoder", "embed_cohort", "load_encoder"]
+__all__ = ["DEFAULT_TIMM_SIZE", "MORPHOLOGY_SIZE", "Encoder", "embed_cohort", "load_encoder"]
 
 #: input size of a timm-name encoder when none is given
 DEFAULT_TIMM_SIZE = 64
+#: input size of the morphology encoder when none is given (the public lymphocytosis crops' own size)
+MORPHOLOGY_SIZE = 224
+#: "normalisation" of the morphology encoder: none, it measures the crop's own colours
+_RAW: Normalisation = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 @dataclass
@@ -55,7 +63,8 @@ class Encoder:
         norm: input normalisation (a name or ``(mean, std)``).
         pool: ViT token pooling (see :func:`~leukolab.models.tokens.pool_features`).
         source: what ``--encoder`` named (absolute path, or the timm name).
-        kind: ``timm`` (random init), or the loader's kind (``classification``, ``pretrain-mae``, ``converted`` ...).
+        kind: ``timm`` (random init), ``morphology``, or the loader's kind (``classification``,
+            ``pretrain-mae``, ``converted`` ...).
         seed: seed of a random-init encoder.
         dim: embedding size.
         spec: how to rebuild the architecture, when known.
@@ -129,6 +138,11 @@ def load_encoder(
                             "or a timm model name")
     path = Path(source)
     norm = _norm(norm)
+    if names_morphology(source):
+        size = int(img_size or MORPHOLOGY_SIZE)
+        model = MorphologyEncoder().eval()
+        return Encoder(model, size, _RAW, pool, MORPHOLOGY, MORPHOLOGY, int(seed), model.num_features, None,
+                       f"{MORPHOLOGY}:v1", None, "none")
     if path.exists():
         loaded = load_any_backbone(path, img_size, norm=norm if isinstance(norm, str) else None,
                                    allow_pickle=allow_pickle, run_preprocessing=True)
