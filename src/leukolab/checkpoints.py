@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -126,7 +127,17 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 def save_checkpoint(obj: Mapping[str, Any], path: Path | str, *, overwrite: bool = True) -> Path:
     """Atomically ``torch.save`` a plain-data checkpoint (refused with ``TypeError`` otherwise)."""
     check_plain(obj)
-    return atomic_write(path, lambda tmp: torch.save(dict(obj), tmp), overwrite=overwrite)
+    return atomic_write(path, lambda tmp: _torch_save(dict(obj), tmp), overwrite=overwrite)
+
+
+def _torch_save(obj: dict[str, Any], tmp: Path) -> None:
+    """``torch.save``, with a failed write (a full disk, a quota) turned into an ``OSError`` that says so."""
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        free = shutil.disk_usage(tmp.parent).free / 2**20
+        raise OSError(f"torch.save failed: {reason}; {free:.0f} MiB free on that disk") from None
 
 
 def resolve_checkpoint_path(path: Path | str) -> Path:

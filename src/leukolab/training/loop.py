@@ -39,7 +39,7 @@ from leukolab.errors import LeukolabError
 from leukolab.objectives.base import Objective, StepOutput
 from leukolab.training import distributed
 from leukolab.training.schedule import warmup_cosine
-from leukolab.utils.files import atomic_write
+from leukolab.utils.files import atomic_write, link_or_copy
 from leukolab.utils.progress import progress
 
 #: called on the writing process after every epoch's checkpoints: ``callback(epoch, run_dir)``
@@ -306,12 +306,13 @@ class Trainer:
         atomic_write(self.run_dir / "history.csv", lambda tmp: history.to_csv(tmp, index=False), overwrite=True)
         improved = self._improved(row)
         state = self.state_dict()
-        save_checkpoint(state, self.run_dir / "last.pt")
+        last = save_checkpoint(state, self.run_dir / "last.pt")
         if improved:
             save_checkpoint(self._weights_only(state), self.run_dir / "best.pt")
         if self.config.keep_last > 0:
             ckpt_dir = self.run_dir / "checkpoints"
-            save_checkpoint(state, ckpt_dir / f"epoch_{self.epoch:04d}.pt")
+            # the epoch snapshot is exactly last.pt: a hard link, not a second copy on disk
+            link_or_copy(last, ckpt_dir / f"epoch_{self.epoch:04d}.pt")
             for old in sorted(ckpt_dir.glob("epoch_*.pt"))[: -self.config.keep_last]:
                 old.unlink()
         self.objective.on_epoch_end(self.epoch, self.run_dir, self.device)

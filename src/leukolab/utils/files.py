@@ -55,6 +55,23 @@ def atomic_write(path: Path | str, fill: Callable[[Path], None], *, overwrite: b
     return path
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> Path:
+    """Make ``dst`` hold what ``src`` holds now: a hard link where the disk allows one, else a copy.
+
+    A hard link costs no disk space. It stays correct when ``src`` is later
+    replaced by :func:`atomic_write` (that gives ``src`` a new file and leaves
+    the linked one as it was). ``dst`` is replaced atomically.
+    """
+
+    def fill(tmp: Path) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (another file system, FAT, some network shares)
+            shutil.copyfile(src, tmp)
+
+    return atomic_write(dst, fill, overwrite=True)
+
+
 def write_text(path: Path | str, text: str, *, overwrite: bool = False) -> Path:
     """Atomically write ``text`` (UTF-8) to ``path``; see :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
