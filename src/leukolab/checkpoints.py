@@ -135,7 +135,8 @@ def _torch_save(obj: dict[str, Any], tmp: Path) -> None:
     try:
         torch.save(obj, tmp)
     except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
         free = shutil.disk_usage(tmp.parent).free / 2**20
         raise OSError(f"torch.save failed: {reason}; {free:.0f} MiB free on that disk") from None
 

@@ -48,6 +48,9 @@ __all__ = [
     "load_mask",
     "mask_box",
     "mask_iou",
+    "optical_density",
+    "otsu",
+    "purple_score",
     "require_nonempty",
     "segment_cell",
 ]
@@ -95,7 +98,17 @@ def _as_rgb(rgb: np.ndarray) -> np.ndarray | None:
     return np.clip(a.astype(np.float32), 0, 255)
 
 
-def _otsu(values: np.ndarray, bins: int = 64) -> tuple[float, float]:
+def optical_density(x: np.ndarray) -> np.ndarray:
+    """Per-channel optical density ``-log((I + 1) / 256)`` of an (H, W, 3) image of 0..255 values."""
+    return -np.log((x + 1.0) / 256.0)
+
+
+def purple_score(od: np.ndarray) -> np.ndarray:
+    """``2 OD_G - OD_B`` of an optical-density image: high where a nucleus stain is, low on eosin and red cells."""
+    return 2.0 * od[..., 1] - od[..., 2]
+
+
+def otsu(values: np.ndarray, bins: int = 64) -> tuple[float, float]:
     """Otsu threshold of ``values`` and the distance between the two class means (0 for a flat array)."""
     lo, hi = float(values.min()), float(values.max())
     if not hi > lo:
@@ -180,10 +193,9 @@ def _segment_small(x: np.ndarray) -> np.ndarray:
     """The segmentation proper on a small (H, W, 3) float image; returns a bool mask of the same size."""
     h, w = x.shape[:2]
     empty = np.zeros((h, w), dtype=bool)
-    od = -np.log((x + 1.0) / 256.0)
-    od = ndimage.uniform_filter(od, size=(3, 3, 1), mode="nearest")  # granules and noise
-    purple = 2.0 * od[..., 1] - od[..., 2]
-    t, contrast = _otsu(purple)
+    od = ndimage.uniform_filter(optical_density(x), size=(3, 3, 1), mode="nearest")  # granules and noise
+    purple = purple_score(od)
+    t, contrast = otsu(purple)
     if contrast < _MIN_CONTRAST:
         return empty
     side = min(h, w)
@@ -211,7 +223,7 @@ def _segment_small(x: np.ndarray) -> np.ndarray:
     outside = ~hull
     pale = outside & (density <= np.quantile(density, 0.25))
     centres = [np.median(feats[pale if pale.any() else outside], axis=0)]
-    t_dense = _otsu(density[outside])[0] if outside.sum() > 8 else float(density.max())
+    t_dense = otsu(density[outside])[0] if outside.sum() > 8 else float(density.max())
     far = (dist > _FAR * radius + 2) & (density > t_dense) & (purple <= t)
     if far.sum() >= 8:
         centres.append(np.median(feats[far], axis=0))

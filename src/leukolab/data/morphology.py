@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from leukolab.data.masks import _otsu, segment_cell
+from leukolab.data.masks import optical_density, otsu, purple_score, segment_cell
 
 __all__ = ["FEATURE_NAMES", "cell_morphology"]
 
@@ -83,10 +83,10 @@ def cell_morphology(rgb: np.ndarray) -> np.ndarray:
     n_cell = int(cell.sum())
     if n_cell < _MIN_CELL_PIXELS:
         return out
-    od = -np.log((arr.astype(np.float32) + 1.0) / 256.0)
+    od = optical_density(arr.astype(np.float32))
     density = od.sum(axis=2)
-    purple = 2.0 * od[..., 1] - od[..., 2]
-    threshold, _ = _otsu(purple[cell])
+    purple = purple_score(od)
+    threshold, _ = otsu(purple[cell])
     nucleus = cell & (purple > threshold)
     labels, n = ndimage.label(nucleus)
     if n > 1:
